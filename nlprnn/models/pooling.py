@@ -1,0 +1,36 @@
+"""Pooling of per-token states into one vector per sequence, over real tokens only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from nlprnn.models.encoder import EncoderOutput
+
+PoolingKind = Literal["last", "mean", "max", "attention"]
+
+
+class Pooling(nn.Module):
+    def __init__(self, kind: PoolingKind, dim: int) -> None:
+        """last: each direction's final state; mean / max: over real tokens; attention: a learned weighted sum."""
+        super().__init__()
+        if kind not in ("last", "mean", "max", "attention"):
+            raise ValueError(f"unknown pooling {kind!r}; use last, mean, max or attention")
+        self.kind = kind
+        self.score = nn.Linear(dim, 1) if kind == "attention" else None
+
+    def forward(self, encoded: EncoderOutput, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) states and (B,) lengths -> (B, D)."""
+        if self.kind == "last":
+            return encoded.last
+        states = encoded.outputs
+        mask = torch.arange(states.size(1), device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        if self.kind == "mean":
+            return states.sum(1) / lengths.unsqueeze(1).to(states.dtype)  # padding states are zero
+        if self.kind == "max":
+            return states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+        scores = self.score(states).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        weights = torch.softmax(scores, dim=1).unsqueeze(-1)  # (B, T, 1)
+        return (weights * states).sum(1)

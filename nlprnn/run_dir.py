@@ -1,0 +1,51 @@
+"""The run folder: checkpoints/<run-name>/ with checkpoints, tokenizer, labels, config and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from nlprnn.cache import atomic_write_bytes
+from nlprnn.errors import UserError
+
+# Set by the launching process so that the processes it starts for other devices use its folder.
+RUN_NAME_ENV = "NLPRNN_RUN_NAME"
+
+
+def new_run_name(dataset: str) -> str:
+    """Unique per run and sortable by start time, e.g. 20261122-101530-movie-snippets-3f9a."""
+    stem = Path(dataset).stem if os.sep in dataset or "." in dataset else dataset
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{stem.replace('/', '--')}-{secrets.token_hex(2)}"
+
+
+def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
+    """The folder for this run, created empty, or the existing one when resuming."""
+    run_dir = root / run_name
+    if resuming:
+        if not run_dir.is_dir():
+            raise UserError(f"cannot resume: there is no run folder {run_dir}")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(
+            f"{run_dir} already holds a run; choose another --run_name, or resume it with --ckpt_path last"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_json(path: Path, data: object) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

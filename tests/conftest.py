@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated cache, tiny generated datasets, one thread per process."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tests run tiny models; more threads only fight each other on small machines
+
+POSITIVE = "good great fine superb lovely wonderful excellent charming moving brilliant".split()
+NEGATIVE = "bad awful dull boring poor weak terrible messy tedious clumsy".split()
+FILLER = "the movie film plot story acting cast was is a an and of this it".split()
+
+
+def make_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Sentences whose label follows from their sentiment words: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(FILLER, rng.randint(2, 8)) + rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], fieldnames: tuple[str, ...] = ("text", "label")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own NLPRNN_CACHE and W&B offline; nothing touches the user's home."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("NLPRNN_CACHE", str(cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+    return cache
+
+
+@pytest.fixture
+def tiny_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "tiny.csv", make_examples(200))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """A cache that survives across tests, for the real dataset (fetched once per session)."""
+    return tmp_path_factory.mktemp("shared-cache")
