@@ -10,16 +10,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from nlprnn.cache import atomic_dir, cache_dir
 from nlprnn.data.batching import BucketBatchSampler, Collate, TokenizedSplit
 from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
-from nlprnn.data.tokenizer import PAD, TokenizerConfig, batched, load_tokenizer, train_tokenizer
+from nlprnn.data.tokenizer import PAD, TokenizerConfig, load_tokenizer, text_batches, train_tokenizer
 
 log = logging.getLogger(__name__)
-PREPARED_FORMAT = 1  # bump when the prepared layout or tokenization changes
+PREPARED_FORMAT = 2  # bump when the prepared layout or tokenization changes
+MAP_BATCH = 1000  # texts per tokenizer call while preparing
 
 
 class TextDataModule(L.LightningDataModule):
@@ -35,6 +37,7 @@ class TextDataModule(L.LightningDataModule):
         max_length: int = 256,
         batch_size: int = 64,
         num_workers: int = 0,
+        num_proc: int | None = None,
         split_seed: int = 1234,
     ) -> None:
         """Text classification data, tokenized once and cached.
@@ -51,6 +54,8 @@ class TextDataModule(L.LightningDataModule):
             max_length: texts are cut to this many tokens.
             batch_size: examples per batch (per device).
             num_workers: data-loader worker processes; 0 loads in the training process.
+            num_proc: processes that tokenize while preparing the data; None tokenizes in this process
+                (with the tokenizer's own threads).
             split_seed: seed of the stratified 80/10/10 split when validation/test are not given.
         """
         super().__init__()
@@ -59,6 +64,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.num_proc = num_proc
         self.splits: dict = {}
         self._meta: dict | None = None
 
@@ -79,6 +85,17 @@ class TextDataModule(L.LightningDataModule):
     @property
     def labels(self) -> list[str]:
         return self.meta["labels"]
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training examples of each class, in label order (for class-weighted losses)."""
+        return self.meta["class_counts"]
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """The tokenizer's tokens in id order (for initialising embeddings from pretrained vectors)."""
+        by_id = sorted(self.tokenizer().get_vocab().items(), key=lambda item: item[1])
+        return [token for token, _ in by_id]
 
     @property
     def meta(self) -> dict:
@@ -119,26 +136,22 @@ class TextDataModule(L.LightningDataModule):
             if target.exists():
                 return
             splits = load_splits(self.source)
-            tokenizer = train_tokenizer(batched(splits["train"]["text"]), self.tokenizer_config)
-            tokenizer.enable_truncation(self.max_length)
-            pad_id = tokenizer.token_to_id(PAD)
-            labels = splits["train"].features["label"].names
-
-            def encode(batch: dict) -> dict:
-                ids = [e.ids for e in tokenizer.encode_batch(batch["text"])]
-                return {"input_ids": ids, "length": [len(x) for x in ids]}
-
+            tokenizer = train_tokenizer(text_batches(splits["train"]), self.tokenizer_config)
             with atomic_dir(target) as scratch:
-                tokenized = splits.map(encode, batched=True, num_proc=None, desc="Tokenizing")
-                tokenized = tokenized.filter(lambda b: [n > 0 for n in b["length"]], batched=True)
+                tokenized, counts = tokenize_splits(splits, tokenizer, self.max_length, self.num_proc)
                 tokenized.save_to_disk(str(scratch / "splits"))
+                tokenizer.enable_truncation(self.max_length)  # what serving the model will do too
                 tokenizer.save(str(scratch / "tokenizer.json"))
+                label_ids = tokenized["train"].with_format("numpy", columns=["label"])[:]["label"]
+                labels = splits["train"].features["label"].names
                 meta = {
                     "vocab_size": tokenizer.get_vocab_size(),
-                    "pad_id": pad_id,
+                    "pad_id": tokenizer.token_to_id(PAD),
                     "labels": labels,
+                    "class_counts": np.bincount(label_ids, minlength=len(labels)).tolist(),
                     "max_length": self.max_length,
                     "sizes": {s: len(tokenized[s]) for s in SPLITS},
+                    **counts,
                 }
                 (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
             log.info("prepared %s: %s", target.name, meta["sizes"])
@@ -153,6 +166,8 @@ class TextDataModule(L.LightningDataModule):
         self.splits = {s: loaded[s].select_columns(["input_ids", "length", "label"]) for s in SPLITS}
 
     def tokenizer(self):
+        """The tokenizer trained on this data's training split."""
+        self.meta  # prepares the data when this process has not
         return load_tokenizer(self.tokenizer_file)
 
     # --- loaders ---
@@ -161,8 +176,9 @@ class TextDataModule(L.LightningDataModule):
         self.setup()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         data = self.splits[split]
+        lengths = data.with_format("numpy", columns=["length"])[:]["length"]  # (N,), not a Python list
         sampler = BucketBatchSampler(
-            data["length"], self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world
+            lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world
         )
         return DataLoader(
             TokenizedSplit(data),
@@ -180,6 +196,57 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = None):
+    """(`DatasetDict` of input_ids, length, label; counts of truncated and dropped texts).
+
+    Tokenization runs through `datasets.map`, batch by batch into memory-mapped Arrow files, so memory
+    stays flat however large the corpus. Texts longer than `max_length` tokens are cut (and counted);
+    texts that yield no token at all are dropped (and counted).
+    """
+    import datasets
+
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "truncated": datasets.Value("bool"),
+            "label": splits["train"].features["label"],
+        }
+    )
+
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which are not needed here
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+    def encode(batch: dict) -> dict:
+        ids = [e.ids for e in encode_batch(batch["text"])]
+        return {
+            "input_ids": [x[:max_length] for x in ids],
+            "length": [min(len(x), max_length) for x in ids],
+            "truncated": [len(x) > max_length for x in ids],
+        }
+
+    tokenizer.no_truncation()  # cut here instead, so the cut texts can be counted
+    tokenized = splits.map(
+        encode, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=["text"],
+        features=features, desc="Tokenizing",
+    )
+    counts = {"truncated": {}, "no_tokens": {}}
+    for split, ds in tokenized.items():
+        columns = ds.with_format("numpy", columns=["length", "truncated"])[:]
+        counts["truncated"][split] = int(columns["truncated"].sum())
+        empty = np.flatnonzero(columns["length"] == 0)
+        counts["no_tokens"][split] = len(empty)
+        if len(empty):
+            tokenized[split] = ds.select(np.setdiff1d(np.arange(len(ds)), empty, assume_unique=True))
+        tokenized[split] = tokenized[split].remove_columns("truncated")
+    for split in SPLITS:
+        if counts["truncated"][split]:
+            log.warning("cut %d %s text(s) to max_length=%d tokens", counts["truncated"][split], split, max_length)
+        if counts["no_tokens"][split]:
+            log.warning("dropped %d %s text(s) that yield no token", counts["no_tokens"][split], split)
+    return tokenized, counts
 
 
 def _file_identity(path: str) -> dict:

