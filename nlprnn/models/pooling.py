@@ -19,7 +19,8 @@ class Pooling(nn.Module):
         if kind not in ("last", "mean", "max", "attention"):
             raise ValueError(f"unknown pooling {kind!r}; use last, mean, max or attention")
         self.kind = kind
-        self.score = nn.Linear(dim, 1) if kind == "attention" else None
+        # no bias: softmax ignores a score shift shared by all tokens, so a bias would never learn
+        self.score = nn.Linear(dim, 1, bias=False) if kind == "attention" else None
 
     def forward(self, encoded: EncoderOutput, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, D) states and (B,) lengths -> (B, D)."""
@@ -27,8 +28,8 @@ class Pooling(nn.Module):
             return encoded.last
         states = encoded.outputs
         mask = torch.arange(states.size(1), device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        if self.kind == "mean":
-            return states.sum(1) / lengths.unsqueeze(1).to(states.dtype)  # padding states are zero
+        if self.kind == "mean":  # masked, so padding states need not be zero
+            return (states * mask.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1).to(states.dtype)
         if self.kind == "max":
             return states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         scores = self.score(states).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)

@@ -1,0 +1,385 @@
+"""Trainer callbacks and plug-ins: training telemetry, the test report, and fault tolerance.
+
+- TrainingMonitor: gradient norm, tokens/s and padding efficiency, without a host sync per step.
+- ConfusionMatrixReport: confusion matrix (W&B chart + PNG) and per-class precision and recall.
+- NonFiniteLossGuard: stops a run whose loss turned NaN/inf, naming the step, before a bad checkpoint is written.
+- LastCheckpoint + AtomicCheckpointIO: last.ckpt every N steps, at each epoch end and on SIGTERM, never half-written.
+- ResumableLoader + RestoreLoaderPosition: a resumed epoch continues with the batch after the last one trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from nlprnn.cache import atomic_write_bytes
+from nlprnn.errors import UserError
+
+# --- telemetry ------------------------------------------------------------------------------------
+
+
+class TrainingMonitor(Callback):
+    """Logs grad_norm every step, tokens_per_sec and padding_efficiency every `log_every_n_steps` steps.
+
+    Counts stay on the device between logging steps, so the only host sync is the one Lightning does
+    when it logs. Tokens are real (non-padding) tokens over all devices; time spent in validation is
+    left out. padding_efficiency_epoch is the length-bucketed sampler's plan for the whole epoch.
+    """
+
+    def __init__(self) -> None:
+        self._real: torch.Tensor | None = None  # () real tokens in the current window, on the device
+        self._padded = 0  # padded tokens (B * T summed) in the current window; known on the host
+        self._window_start = 0.0
+        self._validation_start = 0.0
+        self._last_logged_step = -1
+
+    def _reset_window(self) -> None:
+        self._real, self._padded, self._window_start = None, 0, time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset_window()  # a run resumed mid-epoch starts here, without on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "padding_efficiency"):
+            efficiency = float(sampler.padding_efficiency())  # host-side: from the epoch's batch plan
+            pl_module.log("padding_efficiency_epoch", efficiency, on_step=False, on_epoch=True, sync_dist=True)
+        self._reset_window()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        real = batch["lengths"].sum()  # (), stays on the device
+        self._real = real if self._real is None else self._real + real
+        self._padded += batch["input_ids"].numel()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        # After the backward pass (and after unscaling under 16-mixed), before clipping: the raw norm.
+        norms = [p.grad.detach().norm(2, dtype=torch.float32) for p in pl_module.parameters() if p.grad is not None]
+        if norms:
+            pl_module.log("grad_norm", torch.stack(norms).norm(2), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._real is None or step % trainer.log_every_n_steps or step == self._last_logged_step:
+            return
+        self._last_logged_step = step
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        window = torch.stack([self._real.float(), torch.tensor(float(self._padded), device=self._real.device)])
+        real, padded = trainer.strategy.reduce(window, reduce_op="sum")  # all devices' tokens
+        pl_module.log("tokens_per_sec", real / elapsed, on_step=True, on_epoch=False)
+        pl_module.log("padding_efficiency", real / padded, on_step=True, on_epoch=False)
+        self._reset_window()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window_start += time.perf_counter() - self._validation_start
+
+
+class ConfusionMatrixReport(Callback):
+    """At test time: a confusion matrix and per-class precision and recall.
+
+    The scores are logged as test_precision_<label> and test_recall_<label> (so they land in
+    metrics.json beside the model's test_f1_<label>); the matrix goes to W&B as a confusion-matrix
+    chart and image, and to `<run_dir>/confusion_matrix.png`. Counts are summed over all devices
+    before anything is derived. Needs the model's test_step to return the batch's (B, C) logits.
+    """
+
+    def __init__(self, run_dir: Path | None = None, labels: list[str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.labels = labels
+        self.matrix: MulticlassConfusionMatrix | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.matrix = MulticlassConfusionMatrix(pl_module.hparams.num_classes).to(pl_module.device)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.matrix.update(outputs.detach(), batch["labels"])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts = self.matrix.compute()  # (C, C): rows true class, columns predicted; synced across devices
+        labels = self.labels or getattr(trainer.datamodule, "labels", None) or [str(i) for i in range(len(counts))]
+        scores = per_class_scores(counts.double())
+        for name in ("precision", "recall"):
+            for label, value in zip(labels, scores[name]):
+                pl_module.log(f"test_{name}_{label}", value.float(), on_step=False, on_epoch=True, sync_dist=True)
+        if trainer.is_global_zero:
+            self._publish(trainer, counts.cpu().numpy(), labels)
+
+    def _publish(self, trainer: L.Trainer, counts: np.ndarray, labels: list[str]) -> None:
+        png = plot_confusion_matrix(counts, labels)
+        if self.run_dir is not None:
+            atomic_write_bytes(self.run_dir / "confusion_matrix.png", png)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+                from PIL import Image
+
+                classes = range(len(labels))
+                rows = [[labels[i], labels[j], int(counts[i, j])] for i in classes for j in classes]
+                table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+                chart = wandb.plot_table(
+                    "wandb/confusion_matrix/v1", table,
+                    {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                    {"title": "Test confusion matrix"},
+                )
+                image = wandb.Image(Image.open(io.BytesIO(png)), caption="rows: true class, columns: predicted")
+                logger.experiment.log({"test_confusion_matrix": chart, "test_confusion_matrix_image": image})
+
+
+def per_class_scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(C, C) confusion counts (rows true, columns predicted) -> precision, recall, f1, each (C,); 0 where undefined."""
+    hits = counts.diagonal()
+    predicted, actual = counts.sum(0), counts.sum(1)
+    precision = hits / predicted.clamp(min=1)
+    recall = hits / actual.clamp(min=1)
+    f1 = 2 * hits / (predicted + actual).clamp(min=1)  # = 2PR / (P + R), and 0 when both are 0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def plot_confusion_matrix(counts: np.ndarray, labels: list[str]) -> bytes:
+    """A PNG of the (C, C) matrix: counts in each cell, shaded by each true class's share."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
+
+    size = 1.5 + 0.6 * len(labels)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot()
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            color = "white" if share[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color=color)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    return out.getvalue()
+
+
+# --- faults -----------------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training once the loss has been NaN or infinite, naming the first such step.
+
+    Each step only updates a flag on the device; the flag is read every `log_every_n_steps` steps,
+    before validation, and by LastCheckpoint before it writes, so a diverged model is never saved
+    and no step waits on the host.
+    """
+
+    NONE = torch.iinfo(torch.int64).max  # "no bad step yet"
+
+    def __init__(self) -> None:
+        self._first_bad: torch.Tensor | None = None  # () int64 on the device: first step with a non-finite loss
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.tensor(self.NONE, device=loss.device)
+        # global_step already counts this batch's optimizer step: the loss belongs to step `global_step`
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(bad, self._first_bad.clamp(max=trainer.global_step), self._first_bad)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        """Raise NonFiniteLoss if any device has seen a non-finite loss (the one host sync, on every device)."""
+        if self._first_bad is None:
+            return
+        first = int(trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))
+        if first != self.NONE:
+            raise NonFiniteLoss(
+                f"the training loss became NaN or infinite at step {first}; stopped without saving that model "
+                "(last.ckpt, if any, holds an earlier step). Lower --model.lr, set --trainer.gradient_clip_val, "
+                "or use --trainer.precision 32-true or bf16-mixed instead of 16-mixed"
+            )
+
+
+class LastCheckpoint(Callback):
+    """Keeps `<dirpath>/last.ckpt` current.
+
+    Writes it every `every_n_steps` optimizer steps (0: not within epochs), at each epoch end (after
+    validation) and when SIGTERM stops the run; `guard` is checked before every write.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int = 0, guard: NonFiniteLossGuard | None = None) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self.guard = guard
+        self._saved_step = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if self.guard is not None:
+            self.guard.check(trainer)
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._saved_step:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException between two batches, so the state is consistent.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            try:
+                self.save(trainer)
+            except NonFiniteLoss:
+                pass  # keep the earlier, finite last.ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside its target, flushes it to disk, then renames it.
+
+    Lightning's own writer stages the file in the system temp directory, and when that is another
+    file system the final move is a copy that a kill can leave half-done.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic write there
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # makes the rename itself durable
+        finally:
+            os.close(directory)
+
+
+def check_resumable(path: Path) -> None:
+    """Raise UserError unless `path` is a complete checkpoint with training state."""
+    if not path.is_file():
+        raise UserError(f"cannot resume: there is no checkpoint at {path}")
+    try:
+        # mmap reads the archive's index and metadata, not the tensor data: cheap, and catches truncation
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise UserError(
+            f"cannot resume: {path} is not a readable checkpoint ({type(err).__name__}); it is probably truncated "
+            "or corrupt. Resume from another checkpoint (e.g. best.ckpt) or start a new run"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "optimizer_states", "loops"} <= checkpoint.keys():
+        raise UserError(f"cannot resume: {path} holds no training state (model, optimizer and loop positions)")
+
+
+# --- resumable data order -------------------------------------------------------------------------
+
+
+class ResumableLoader:
+    """A training DataLoader whose position is saved in checkpoints.
+
+    The batch order of an epoch is a function of the sampler's (seed, epoch); this wrapper records the
+    epoch and how many batches it has handed out, Lightning stores that in each checkpoint
+    (`state_dict`), and a loader restored from it (`load_state_dict`) starts that epoch after those
+    batches (it reads and drops them: data loading only, no compute). Lightning looks for
+    `set_epoch` on `loader.sampler`, which a batch sampler is not; this wrapper passes it on.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.batch_sampler = loader.batch_sampler
+        self.epoch = 0
+        self.served = 0  # batches handed out in the current epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
+
+    @property
+    def sampler(self) -> ResumableLoader:
+        return self  # Lightning calls `loader.sampler.set_epoch(epoch)` before each epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        # A generator: its body, and so the epoch's order, starts at the first batch, after set_epoch.
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        self.served = skip
+        for index, batch in enumerate(self.loader):
+            if index >= skip:
+                self.served = index + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (state["epoch"], state["batches"])
+        self.set_epoch(state["epoch"])
+
+
+class RestoreLoaderPosition(Callback):
+    """Hands a resumed run's ResumableLoader its saved position, also where Lightning does not.
+
+    Lightning restores stateful loaders only when it creates them after the checkpoint is loaded; a
+    model that reads `trainer.estimated_stepping_batches` in configure_optimizers (for an LR schedule)
+    has it create the loader earlier, and the saved position is then dropped. Loading it again at
+    train start is harmless otherwise: the loader starts reading only at its first batch.
+    """
+
+    def __init__(self) -> None:
+        self._states: list[dict] = []
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if self._states and isinstance(loader, ResumableLoader):
+            loader.load_state_dict(self._states[0])
+        self._states = []

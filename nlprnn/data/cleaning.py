@@ -1,0 +1,119 @@
+"""Bad input, handled in the open: invalid UTF-8 replaced, empty texts dropped, missing labels refused.
+
+Every repair is counted and logged; nothing is dropped silently. The scans read Arrow record batches,
+never a whole column as Python objects, so they stay cheap on corpora of millions of rows.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from nlprnn.cache import atomic_write_bytes, cache_dir
+from nlprnn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK = 1 << 20  # bytes per read when checking a file's encoding
+SCAN_ROWS = 10_000  # rows per Arrow batch when scanning a column
+SHOWN_ROWS = 5  # rows named in an error message
+
+
+class _ReplacementCounter:
+    """A codecs error handler that puts U+FFFD for each invalid byte sequence and counts them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.name = f"nlprnn-count-replace-{id(self)}"
+        codecs.register_error(self.name, self)
+
+    def __call__(self, err: UnicodeDecodeError) -> tuple[str, int]:
+        self.count += 1
+        return "\ufffd", err.end
+
+
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(READ_BLOCK), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def repair_utf8(path: Path) -> tuple[Path, int]:
+    """(`path`, 0) for a valid UTF-8 file; else (a repaired copy in the cache, how many byte sequences it replaced).
+
+    The copy is made once per file version and read in blocks, so memory stays flat for any file size.
+    """
+    if _is_utf8(path):
+        return path, 0
+    st = path.stat()
+    identity = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    copy = cache_dir() / "repaired" / f"{path.stem}-{digest}{path.suffix}"
+    count_file = copy.with_name(copy.name + ".replaced")
+    if copy.exists() and count_file.exists():
+        return copy, int(count_file.read_text())
+    counter = _ReplacementCounter()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    scratch = copy.with_name(f".{copy.name}.partial")
+    with path.open("rb") as src, scratch.open("wb") as dst:
+        for block in iter(lambda: src.read(READ_BLOCK), b""):
+            dst.write(decoder.decode(block).encode("utf-8"))
+        dst.write(decoder.decode(b"", final=True).encode("utf-8"))
+    scratch.replace(copy)
+    atomic_write_bytes(count_file, str(counter.count).encode())
+    return copy, counter.count
+
+
+def arrow_batches(ds, column: str) -> Iterator:
+    """The pyarrow arrays of one column of a `datasets.Dataset`, `SCAN_ROWS` rows at a time, in row order."""
+    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=SCAN_ROWS):
+        yield table.column(0)
+
+
+def rows_where(ds, column: str, predicate) -> np.ndarray:
+    """Row numbers (0-based) where `predicate(arrow_array)` is true; the boolean mask is built batch by batch."""
+    masks = [np.asarray(predicate(array).to_numpy(zero_copy_only=False), dtype=bool) for array in arrow_batches(ds, column)]
+    return np.flatnonzero(np.concatenate(masks)) if masks else np.zeros(0, dtype=np.int64)
+
+
+def _is_blank(array):
+    import pyarrow.compute as pc
+
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(array)), 0)
+    return pc.fill_null(blank, True)  # a missing text is as empty as an empty one
+
+
+def drop_empty_texts(ds, split: str):
+    """`ds` without rows whose text is missing, empty or only whitespace, with a warning that counts them."""
+    blank = rows_where(ds, "text", _is_blank)
+    if len(blank) == 0:
+        return ds
+    log.warning("dropped %d empty or whitespace-only text(s) from the %s split", len(blank), split)
+    keep = np.setdiff1d(np.arange(len(ds)), blank, assume_unique=True)
+    return ds.select(keep)
+
+
+def check_labels(ds, where: str) -> None:
+    """Refuse rows with no label, naming the first few (1-based data rows, the header not counted)."""
+    import pyarrow.compute as pc
+
+    missing = rows_where(ds, "label", pc.is_null)
+    if len(missing):
+        rows = ", ".join(str(i + 1) for i in missing[:SHOWN_ROWS])
+        raise UserError(
+            f"{where} has {len(missing)} row(s) with no label, the first at data row(s) {rows}; "
+            "label them or remove them"
+        )

@@ -1,0 +1,111 @@
+"""Texts to classify, read from the command line or from a file.
+
+Files are read as UTF-8; bytes that are not UTF-8 become U+FFFD (the replacement character), so one
+bad line neither stops a run nor shifts the output against the input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from nlprnn.errors import UserError
+
+STDIN = "-"
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TXT_SUFFIXES = (".txt", "")
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) rejects long documents
+
+
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: each lone surrogate becomes U+FFFD.
+
+    Python carries bytes of command-line arguments that are not UTF-8 as lone surrogates, and JSON
+    may spell them out as escapes; tokenizers and UTF-8 output both reject them.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def read_texts(path: str, text_column: str = "text") -> Iterator[str]:
+    """Yield the texts of a file, in order.
+
+    .txt (or no suffix, or `-` for standard input): one text per line; a blank line is an empty text.
+    .csv / .tsv: a header row, then one text per row in `text_column`.
+    .jsonl / .ndjson: one JSON object per line with a string (or null: empty) under `text_column`;
+    blank lines are skipped.
+    """
+    if path == STDIN:
+        yield from _lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n"))
+        return
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if not file.exists():
+        raise UserError(f"input file not found: {file}")
+    if suffix in CSV_DELIMITERS:
+        yield from _csv_texts(file, CSV_DELIMITERS[suffix], text_column)
+    elif suffix in JSONL_SUFFIXES:
+        yield from _jsonl_texts(file, text_column)
+    elif suffix in TXT_SUFFIXES:
+        with _open(file, newline="\n") as f:  # only \n ends a line; a stray \r stays inside its text
+            yield from _lines(f)
+    else:
+        raise UserError(f"cannot read {file}: use a .txt (one text per line), .csv, .tsv or .jsonl file")
+
+
+def _open(file: Path, newline: str = "") -> io.TextIOWrapper:
+    try:
+        return open(file, encoding="utf-8-sig", errors="replace", newline=newline)
+    except OSError as err:
+        raise UserError(f"cannot read {file}: {err.strerror}") from None
+
+
+def _lines(f: io.TextIOBase) -> Iterator[str]:
+    for line in f:
+        yield line.rstrip("\r\n")
+
+
+def _csv_texts(file: Path, delimiter: str, column: str) -> Iterator[str]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with _open(file) as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            if reader.fieldnames is None:
+                return  # an empty file holds no texts
+            if column not in reader.fieldnames:
+                raise UserError(
+                    f"{file} has no column {column!r} (it has {', '.join(map(repr, reader.fieldnames))}); "
+                    "name the text column with --text_column"
+                )
+            for row in reader:
+                yield row[column] or ""
+        except csv.Error as err:
+            raise UserError(f"line {reader.line_num} of {file} is not valid CSV: {err}") from None
+
+
+def _jsonl_texts(file: Path, column: str) -> Iterator[str]:
+    with _open(file) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise UserError(f"line {number} of {file} is not a JSON object") from None
+            if not isinstance(record, dict) or column not in record:
+                raise UserError(
+                    f"line {number} of {file} has no {column!r} field; name the text field with --text_column"
+                )
+            text = record[column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"line {number} of {file}: {column!r} holds {type(text).__name__}, not text")
+            yield clean_text(text or "")
+

@@ -1,0 +1,152 @@
+"""Predictor: raw texts -> labels and probabilities with a bundle, on onnxruntime, tokenizers and numpy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from nlprnn.deploy.bundle import INPUT_NAMES, OUTPUT_NAMES, Bundle, read_bundle
+from nlprnn.deploy.inputs import clean_text
+from nlprnn.errors import UserError
+
+Prediction = tuple[str, dict[str, float]]  # (label, {label: probability})
+
+
+class Scores(NamedTuple):
+    logits: np.ndarray  # (N, classes) float32
+    probabilities: np.ndarray  # (N, classes) float32
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def make_session(model_file: Path, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with `threads` threads inside each operator and none across them.
+
+    The graph is one chain of recurrences, so inter-op threads would only wait; intra-op threads
+    split each step's matrix products.
+    """
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be at least 1, not {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT warns about harmless shape-inference merges
+    try:
+        return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{model_file} is not a loadable ONNX model ({first_line}); export the bundle again") from None
+
+
+class Predictor:
+    def __init__(self, bundle: str | Path, batch_size: int = 64, threads: int | None = None) -> None:
+        """Classify raw texts with the bundle in folder `bundle`.
+
+        Texts are tokenized as in training and cut to the bundle's max_length tokens. A text with no
+        tokens at all (empty, or only whitespace) is read as a single unknown-word token ([UNK]), so it
+        gets a prediction like any other text rather than an error; such a prediction carries no
+        information and is usually near the label prior. Characters that are not valid Unicode are
+        replaced by U+FFFD.
+
+        Args:
+            bundle: a folder written by `python -m nlprnn.export`.
+            batch_size: texts per model call; texts of similar length are batched together.
+            threads: onnxruntime threads within an operator; default: the CPUs this process may use.
+        """
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, not {batch_size}")
+        self.bundle: Bundle = read_bundle(bundle)
+        self.labels = self.bundle.labels
+        self.max_length = self.bundle.manifest.max_length
+        self.pad_id = self.bundle.manifest.pad_id
+        self.unk_id = self.bundle.manifest.unk_id
+        self.batch_size = batch_size
+        self.tokenizer = _load_tokenizer(self.bundle.tokenizer_file, self.max_length)
+        self.session = make_session(self.bundle.model_file, threads)
+        _check_signature(self.session, self.bundle)
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """For each text, its most probable label and the probability of every label."""
+        probabilities = self.score(texts).probabilities
+        return [
+            (self.labels[int(row.argmax())], {label: float(p) for label, p in zip(self.labels, row)})
+            for row in probabilities
+        ]
+
+    def score(self, texts: Sequence[str]) -> Scores:
+        """Logits and probabilities (N, classes) of `texts`, in their order."""
+        ids = self.encode(texts)
+        classes = len(self.labels)
+        logits = np.empty((len(ids), classes), dtype=np.float32)
+        probabilities = np.empty((len(ids), classes), dtype=np.float32)
+        # Sorting by length puts texts of similar length in one batch, so little padding is computed.
+        order = np.argsort([len(row) for row in ids], kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch_ids, lengths = self.pad([ids[i] for i in rows])
+            logits[rows], probabilities[rows] = self.run(batch_ids, lengths)
+        return Scores(logits, probabilities)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, at most max_length of them and never none."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+        texts = [clean_text(_as_text(text)) for text in texts]
+        encodings = self.tokenizer.encode_batch(texts) if texts else []
+        return [e.ids or [self.unk_id] for e in encodings]
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Token id rows -> (B, T) ids padded after the real tokens and (B,) lengths, both int64."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        return ids, lengths
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One model call: (B, T) ids and (B,) lengths -> (B, classes) logits and probabilities."""
+        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: lengths})
+        return logits, probabilities
+
+
+def _as_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"texts must be strings, not {type(text).__name__}")
+    return text
+
+
+def _load_tokenizer(path: Path, max_length: int) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for malformed files
+        raise UserError(f"{path} is not a tokenizer.json ({err}); export the bundle again") from None
+    tokenizer.no_padding()  # batches are padded here, to their own longest text
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def _check_signature(session: ort.InferenceSession, bundle: Bundle) -> None:
+    """The model takes input_ids and lengths and gives logits and probabilities over the bundle's labels."""
+    inputs = tuple(i.name for i in session.get_inputs())
+    outputs = session.get_outputs()
+    if inputs != INPUT_NAMES or tuple(o.name for o in outputs) != OUTPUT_NAMES:
+        raise UserError(f"{bundle.model_file} is not an nlprnn model (inputs {inputs}); export the bundle again")
+    classes = outputs[0].shape[-1]
+    if isinstance(classes, int) and classes != len(bundle.labels):
+        raise UserError(
+            f"{bundle.model_file} predicts {classes} classes but labels.json names {len(bundle.labels)}; "
+            "export the bundle again"
+        )

@@ -1,0 +1,335 @@
+"""python -m nlprnn.export CKPT --out DIR: a checkpoint becomes a bundle, checked with onnxruntime.
+
+CKPT is a checkpoint written by `python -m nlprnn.fit`, or its run folder (then best.ckpt). The run
+folder's tokenizer.json and labels.json go into the bundle, and so do the test metrics of metrics.json
+when CKPT is the run's best checkpoint, the one they were measured on. See nlprnn.deploy.bundle for
+the bundle layout.
+
+The model goes through the TorchScript-based exporter (`dynamo=False`) with dynamic batch and time
+axes. The encoder reads every direction forward over a per-row reversed copy, so padding always comes
+after the real tokens; the exported LSTM/GRU nodes therefore need no sequence lengths and stay exact
+on padded batches. (The dynamo exporter of torch 2.13 fixes the time axis of several recurrent shapes
+to the example's length.)
+
+The export checks itself: onnxruntime runs the written model on batches of mixed lengths up to
+max_length, and when its logits differ from PyTorch's by more than TOLERANCE, export fails with exit
+status 1 and leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import nlprnn
+from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer
+from nlprnn.deploy.bundle import (
+    INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
+)
+from nlprnn.errors import UserError, exit_on_user_error
+from nlprnn.models.classifier import TextClassifier
+
+TOLERANCE = 1e-4  # largest accepted |logit(ONNX) - logit(PyTorch)|
+OPSET = 17
+EXAMPLE_LENGTH = 8  # time steps of the tracing example; the exported time axis is dynamic anyway
+CHECK_ROWS = 17  # rows of the mixed-length check batch
+BEST = "best.ckpt"
+
+
+class ExportCheckFailed(RuntimeError):
+    """The exported model does not compute what the PyTorch model computes."""
+
+
+class OnnxClassifier(nn.Module):
+    """The graph that is exported: ids and lengths in, logits and probabilities out."""
+
+    def __init__(self, model: TextClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids, lengths).float()  # (B, classes)
+        return logits, torch.softmax(logits, dim=-1)
+
+
+def export_onnx(model: TextClassifier, path: Path, example_length: int = EXAMPLE_LENGTH) -> None:
+    """Write `model` (in eval mode, on the CPU) as ONNX to `path`, with dynamic batch and time axes."""
+    example_ids = (torch.arange(2 * example_length) % model.hparams.vocab_size).view(2, example_length)  # (2, T)
+    example_lengths = torch.tensor([example_length, max(example_length // 2, 1)])
+    example_ids[1, example_lengths[1] :] = model.hparams.pad_id
+    with warnings.catch_warnings():
+        # Tracer and deprecation notes about the TorchScript route; the check below is what counts.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            # In eval mode: the exporter restores the wrapper's mode afterwards, and a wrapper left in
+            # training mode would switch the model's dropout on for everything that follows.
+            OnnxClassifier(model).eval(),
+            (example_ids, example_lengths),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "time"},
+                "lengths": {0: "batch"},
+                "logits": {0: "batch"},
+                "probabilities": {0: "batch"},
+            },
+        )
+
+
+def check_batch(rows: int, max_length: int, vocab_size: int, pad_id: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, T) random ids padded with pad_id and (rows,) lengths spread over 1..max_length, both ends included."""
+    rng = np.random.default_rng(seed)
+    lengths = np.linspace(1, max_length, rows).round().astype(np.int64)
+    rng.shuffle(lengths)
+    ids = rng.integers(0, vocab_size, size=(rows, int(lengths.max())), dtype=np.int64)
+    ids[np.arange(ids.shape[1]) >= lengths[:, None]] = pad_id
+    return ids, lengths
+
+
+def max_logit_difference(model: TextClassifier, model_file: Path, max_length: int) -> float:
+    """Largest |ONNX - PyTorch| logit on a mixed-length batch and on its longest row alone."""
+    from nlprnn.deploy.predictor import make_session
+
+    session = make_session(model_file, threads=1)  # a small check; it need not take the machine
+    ids, lengths = check_batch(CHECK_ROWS, max_length, model.hparams.vocab_size, model.hparams.pad_id)
+    longest = int(lengths.argmax())
+    worst = 0.0
+    for batch_ids, batch_lengths in ((ids, lengths), (ids[longest : longest + 1], lengths[longest : longest + 1])):
+        onnx_logits = session.run([OUTPUT_NAMES[0]], {INPUT_NAMES[0]: batch_ids, INPUT_NAMES[1]: batch_lengths})[0]
+        with torch.inference_mode():
+            torch_logits = model(torch.from_numpy(batch_ids), torch.from_numpy(batch_lengths)).float().numpy()
+        worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+    return worst
+
+
+def encoder_summary(model: TextClassifier) -> dict:
+    """How the network is built, for the manifest."""
+    encoder = model.encoder
+    summary: dict = {"class": f"{type(encoder).__module__}.{type(encoder).__qualname__}"}
+    for key in ("cell", "hidden_size", "num_layers", "direction", "residual", "output_dim"):
+        if hasattr(encoder, key):
+            summary[key] = getattr(encoder, key)
+    summary.update(
+        pooling=model.pooling.kind,
+        embedding_dim=model.embedding.embedding_dim,
+        vocab_size=model.hparams.vocab_size,
+        num_classes=model.hparams.num_classes,
+    )
+    return summary
+
+
+def export_model(
+    model: TextClassifier,
+    out: Path,
+    tokenizer_file: Path,
+    labels: list[str],
+    max_length: int,
+    test_metrics: dict[str, float] | None = None,
+    overwrite: bool = False,
+    example_length: int = EXAMPLE_LENGTH,
+) -> Path:
+    """Write the bundle of `model` to folder `out`, checked with onnxruntime; return `out`.
+
+    Everything is written into a scratch folder beside `out` that becomes `out` only once the check
+    has passed, so a failure leaves nothing half-written. `model` is moved to the CPU in float32 and
+    left in eval mode.
+    """
+    out = Path(out)
+    _check_destination(out, overwrite)
+    model = model.to("cpu", torch.float32).eval()
+    tokenizer = load_tokenizer(Path(tokenizer_file))
+    _check_matches(model, tokenizer, labels, tokenizer_file)
+    if max_length < 1:
+        raise UserError(f"max_length must be at least 1, not {max_length}")
+    unk_id = tokenizer.token_to_id(UNK)
+    manifest = Manifest(
+        max_length=max_length,
+        pad_id=int(model.hparams.pad_id),
+        unk_id=int(unk_id if unk_id is not None else model.hparams.pad_id),
+        encoder=encoder_summary(model),
+        test_metrics=test_metrics,
+        nlprnn_version=nlprnn.__version__,
+    )
+    with _scratch_beside(out) as scratch:
+        export_onnx(model, scratch / MODEL_FILE, example_length)
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)  # the bundle's tokenizer cuts texts as the model expects
+        tokenizer.save(str(scratch / TOKENIZER_FILE))
+        (scratch / LABELS_FILE).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n")
+        (scratch / MANIFEST_FILE).write_text(manifest.to_json())
+        read_bundle(scratch)  # what we wrote, the reader accepts
+        difference = max_logit_difference(model, scratch / MODEL_FILE, max_length)
+        if not difference <= TOLERANCE:  # also catches NaN
+            raise ExportCheckFailed(
+                f"the ONNX model's logits differ from PyTorch's by {difference:.3g} (tolerance {TOLERANCE:g}); "
+                f"no bundle was written to {out}"
+            )
+        _publish(scratch, out)
+    return out
+
+
+def load_checkpoint(path: Path) -> TextClassifier:
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return TextClassifier.load_from_checkpoint(str(path), map_location="cpu")
+    except Exception as err:  # torch and Lightning raise many types for unreadable or foreign files
+        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    max_length: int | None = None,
+) -> Path:
+    """Export a checkpoint of a run folder (or the run folder's best.ckpt) to a bundle; return its folder."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / BEST
+    run_dir = checkpoint.parent
+    out = Path(out) if out is not None else run_dir / "bundle"
+    _check_destination(out, overwrite)
+    if not checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    for name in (TOKENIZER_FILE, LABELS_FILE):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir} has no {name}; export a checkpoint from a run folder of `python -m nlprnn.fit`")
+    labels = _read_json(run_dir / LABELS_FILE)
+    model = load_checkpoint(checkpoint)
+    metrics = _read_json(run_dir / "metrics.json") if checkpoint.name == BEST and (run_dir / "metrics.json").is_file() else None
+    if max_length is None:
+        max_length = _training_max_length(run_dir)
+    return export_model(model, out, run_dir / TOKENIZER_FILE, labels, max_length, metrics, overwrite)
+
+
+def export_after_fit(best_checkpoint: str, run_dir: Path) -> Path:
+    """`python -m nlprnn.fit --export true`: the best (or else the last) checkpoint to <run folder>/bundle."""
+    checkpoint = Path(best_checkpoint) if best_checkpoint else run_dir / "last.ckpt"
+    with exit_on_failed_check("nlprnn.fit"):
+        out = export_checkpoint(checkpoint, run_dir / "bundle", overwrite=True)
+    print(f"bundle written to {out}")
+    return out
+
+
+@contextmanager
+def exit_on_failed_check(prog: str) -> Iterator[None]:
+    """A failed check is one line on stderr and exit status 1, apart from user errors' status 2."""
+    try:
+        yield
+    except ExportCheckFailed as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _training_max_length(run_dir: Path) -> int:
+    """The max_length the run was trained with: the tokenizer's truncation, else config.yaml."""
+    truncation = load_tokenizer(run_dir / TOKENIZER_FILE).truncation
+    if truncation and truncation.get("max_length"):
+        return int(truncation["max_length"])
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        import yaml
+
+        value = ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get("max_length")
+        if isinstance(value, int):
+            return value
+    raise UserError(f"cannot tell the max_length {run_dir} was trained with; give it with --max_length")
+
+
+def _check_matches(model: TextClassifier, tokenizer, labels: object, tokenizer_file: Path) -> None:
+    """The tokenizer and labels belong to the model: same padding id, vocabulary within range, one label per class."""
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise UserError("labels must be a list of label names")
+    if len(labels) != model.hparams.num_classes:
+        raise UserError(f"the model has {model.hparams.num_classes} classes but there are {len(labels)} labels")
+    if tokenizer.token_to_id(PAD) != model.hparams.pad_id:
+        raise UserError(f"{tokenizer_file} pads with id {tokenizer.token_to_id(PAD)}, the model with {model.hparams.pad_id}")
+    if tokenizer.get_vocab_size() > model.hparams.vocab_size:
+        raise UserError(
+            f"{tokenizer_file} has {tokenizer.get_vocab_size()} tokens, more than the model's "
+            f"{model.hparams.vocab_size}: it is not this model's tokenizer"
+        )
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; choose a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+
+
+@contextmanager
+def _scratch_beside(out: Path) -> Iterator[Path]:
+    """A scratch folder on the same file system as `out` (so it can be renamed into place), removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # already gone when it was published
+
+
+def _publish(scratch: Path, out: Path) -> None:
+    """Move the finished bundle to `out`, replacing what was there."""
+    os.chmod(scratch, 0o755)  # mkdtemp makes folders private; a bundle is an ordinary folder
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(scratch, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(scratch, out)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def parse_args(args: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nlprnn.export",
+        description="Export a checkpoint to a bundle (model.onnx, tokenizer.json, labels.json, nlprnn.json), "
+        "checked against PyTorch with onnxruntime.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint in a run folder of `python -m nlprnn.fit`, or the run folder (best.ckpt)")
+    parser.add_argument("--out", default=None, help="the bundle folder to write (default: <run folder>/bundle)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="tokens a text is cut to (default: as in training, from the run folder)")
+    return parser.parse_args(args)
+
+
+def main(args: list[str] | None = None) -> Path:
+    options = parse_args(args)
+    with exit_on_user_error("nlprnn.export"), exit_on_failed_check("nlprnn.export"):
+        out = export_checkpoint(options.checkpoint, options.out, options.overwrite, options.max_length)
+    print(f"bundle written to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""BucketBatchSampler: disjoint equal shares under DDP, every example once, bounded batches, little padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nlprnn.data.batching import BucketBatchSampler, Collate
+
+
+def lengths_like_reviews(n: int, seed: int = 0) -> np.ndarray:
+    """Skewed lengths, 1..200 tokens, mostly short: what bucketing is for."""
+    return np.clip(np.random.default_rng(seed).lognormal(3.0, 0.7, n).astype(int), 1, 200)
+
+
+def rank_samplers(lengths, batch_size: int, world_size: int, **kwargs) -> list[BucketBatchSampler]:
+    return [
+        BucketBatchSampler(lengths, batch_size, rank=rank, world_size=world_size, **kwargs) for rank in range(world_size)
+    ]
+
+
+def epoch(samplers: list[BucketBatchSampler], number: int) -> list[list[list[int]]]:
+    for sampler in samplers:
+        sampler.set_epoch(number)
+    return [list(sampler) for sampler in samplers]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("n", [1000, 1001, 130])  # 1001 and 130 leave an odd number of batches to even out
+def test_two_ranks_get_disjoint_equal_count_batches_covering_the_data(shuffle, n):
+    samplers = rank_samplers(lengths_like_reviews(n), batch_size=64, world_size=2, shuffle=shuffle, window_batches=4)
+    per_rank = epoch(samplers, 0)
+    assert len(per_rank[0]) == len(per_rank[1]) == len(samplers[0]) == len(samplers[1]) > 0
+    seen = [index for batches in per_rank for batch in batches for index in batch]
+    assert sorted(seen) == list(range(n))  # every example exactly once: disjoint and covering
+    assert all(0 < len(batch) <= 64 for batches in per_rank for batch in batches)
+
+
+def test_each_epoch_has_a_new_order_and_the_same_epoch_the_same():
+    samplers = rank_samplers(lengths_like_reviews(2000), batch_size=32, world_size=2)
+    first, second, first_again = epoch(samplers, 0), epoch(samplers, 1), epoch(samplers, 0)
+    assert first != second and first == first_again
+    assert [sorted(sum(r, [])) for r in first] != [sorted(sum(r, [])) for r in second]  # ranks' shares change too
+
+
+def test_batches_hold_similar_lengths():
+    lengths = lengths_like_reviews(20_000)
+    sampler = BucketBatchSampler(lengths, batch_size=64)
+    assert sampler.padding_efficiency() > 0.88
+    unsorted_padded = sum(lengths[i : i + 64].max() * len(lengths[i : i + 64]) for i in range(0, len(lengths), 64))
+    assert lengths.sum() / unsorted_padded < 0.6  # what random batches would waste
+
+
+def test_padding_efficiency_counts_real_over_padded_tokens_of_this_rank():
+    lengths = lengths_like_reviews(500)
+    sampler = BucketBatchSampler(lengths, batch_size=16, rank=1, world_size=2)
+    batches = list(sampler)
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    assert sampler.padding_efficiency() == pytest.approx(real / padded)
+
+
+def test_too_few_examples_for_the_ranks_is_an_error():
+    with pytest.raises(ValueError, match="cannot fill"):
+        BucketBatchSampler([3, 4, 5], batch_size=1, world_size=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 400),
+    batch_size=st.integers(1, 50),
+    world_size=st.integers(1, 4),
+    window_batches=st.integers(1, 8),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_any_shape_shares_every_example_once(n, batch_size, world_size, window_batches, shuffle, seed):
+    lengths = lengths_like_reviews(n, seed)
+    try:
+        samplers = rank_samplers(lengths, batch_size, world_size, shuffle=shuffle, window_batches=window_batches, seed=seed)
+    except ValueError:
+        assert n < world_size * 2 or batch_size < 2  # only when equal shares would need repeats
+        return
+    per_rank = epoch(samplers, seed)
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert sorted(i for batches in per_rank for batch in batches for i in batch) == list(range(n))
+    assert all(0 < len(batch) <= batch_size for batches in per_rank for batch in batches)
+
+
+def test_collate_pads_with_the_pad_id_and_keeps_lengths():
+    batch = Collate(pad_id=0)({"input_ids": [[5, 6, 7], [8]], "label": [1, 0]})
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["lengths"].tolist() == [3, 1] and batch["labels"].dtype == torch.long
+
+
+@pytest.mark.slow
+def test_padding_efficiency_on_movie_snippets_at_batch_size_64(shared_cache, monkeypatch):
+    from nlprnn.data.datamodule import TextDataModule
+
+    monkeypatch.setenv("NLPRNN_CACHE", str(shared_cache))
+    data = TextDataModule(dataset="movie-snippets", batch_size=64)
+    data.setup()
+    lengths = data.splits["train"].with_format("numpy", columns=["length"])[:]["length"]
+    for number in range(3):
+        sampler = BucketBatchSampler(lengths, 64, seed=number)
+        sampler.set_epoch(number)
+        assert sampler.padding_efficiency() >= 0.90

@@ -1,0 +1,89 @@
+"""Reading texts to classify: .txt, .csv/.tsv, .jsonl; undecodable bytes replaced; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nlprnn.deploy.inputs import clean_text, read_texts
+from nlprnn.errors import UserError
+
+
+def test_txt_is_one_text_per_line_blank_lines_included(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_bytes("\ufefffirst one\r\n\nthird\rstill third\nlast without newline".encode())
+    assert list(read_texts(str(path))) == ["first one", "", "third\rstill third", "last without newline"]
+
+
+def test_undecodable_bytes_become_replacement_characters(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_bytes(b"caf\xe9 ok\n\xff\xfe\nfine\n")
+    assert list(read_texts(str(path))) == ["caf\ufffd ok", "\ufffd\ufffd", "fine"]
+
+
+def test_csv_and_tsv_read_the_text_column(tmp_path):
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_bytes(b'id,body\n1,"multi\nline, quoted"\n2,\n3,caf\xe9\n')
+    assert list(read_texts(str(csv_file), "body")) == ["multi\nline, quoted", "", "caf\ufffd"]
+    tsv_file = tmp_path / "in.TSV"
+    tsv_file.write_text("text\tlabel\nhello there\tx\n")
+    assert list(read_texts(str(tsv_file))) == ["hello there"]
+
+
+def test_csv_reads_documents_longer_than_the_csv_module_default(tmp_path):
+    path = tmp_path / "long.csv"
+    long_text = "word " * 40_000  # 200 000 characters, above the csv module's 131 072
+    path.write_text(f"text\n{long_text}\n")
+    assert list(read_texts(str(path))) == [long_text]
+
+
+def test_csv_without_the_column_names_the_columns(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("body,label\nhi,x\n")
+    with pytest.raises(UserError, match=r"no column 'text' \(it has 'body', 'label'\).*--text_column"):
+        list(read_texts(str(path)))
+
+
+def test_empty_csv_holds_no_texts(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    assert list(read_texts(str(path))) == []
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "in.jsonl"
+    records = [{"review": "good"}, {"review": None}, {"review": "bad \ud800 surrogate"}]
+    path.write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
+    assert list(read_texts(str(path), "review")) == ["good", "", "bad \ufffd surrogate"]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{oops", "line 2 of .* is not a JSON object"),
+        ('{"other": "x"}', "line 2 of .* has no 'text' field.*--text_column"),
+        ('["text"]', "line 2 of .* has no 'text' field"),
+        ('{"text": 3}', "line 2 of .*'text' holds int, not text"),
+    ],
+)
+def test_bad_jsonl_lines(tmp_path, line, message):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=message):
+        list(read_texts(str(path)))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(UserError, match="input file not found"):
+        list(read_texts(str(tmp_path / "nope.txt")))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=r"cannot read .*x.parquet: use a .txt.*\.csv, \.tsv or \.jsonl"):
+        list(read_texts(str(tmp_path / "x.parquet")))
+
+
+def test_clean_text():
+    assert clean_text("plain é text") == "plain é text"
+    assert clean_text("caf\udce9") == "caf\ufffd"  # a command-line byte 0xE9 that is not UTF-8
+    assert clean_text("lone \ud800 surrogate") == "lone \ufffd surrogate"  # e.g. from a JSON escape
+    assert clean_text("mixed \udce9 and \ud800") == "mixed \ufffd and \ufffd"

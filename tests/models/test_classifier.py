@@ -1,0 +1,133 @@
+"""TextClassifier: every parameter learns, a small batch can be memorised, padding ids are never read."""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nlprnn.models.classifier import TextClassifier
+from nlprnn.models.encoder import RNNEncoder
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+DIRECTIONS = ["forward", "reverse", "bidirectional"]
+POOLINGS = ["last", "mean", "max", "attention"]
+STACKS = {
+    "1-layer": dict(num_layers=1),
+    "3-layer": dict(num_layers=3),
+    "3-layer-residual": dict(num_layers=3, residual=True),
+}
+VOCAB, CLASSES, PAD = 40, 3, 0
+
+
+def classifier(cell: str, direction: str, pooling: str, hidden: int = 6, seed: int = 0, **encoder) -> TextClassifier:
+    torch.manual_seed(seed)
+    return TextClassifier(
+        vocab_size=VOCAB, num_classes=CLASSES, pad_id=PAD, embedding_dim=2 * hidden if encoder.get("residual") else 8,
+        encoder=functools.partial(RNNEncoder, cell=cell, hidden_size=hidden, direction=direction, **encoder),
+        pooling=pooling,
+    )
+
+
+def token_batch(lengths: list[int], seed: int = 0, time: int | None = None) -> dict[str, torch.Tensor]:
+    """Random real token ids (never the padding id) padded with PAD after each row's length; random labels."""
+    g = torch.Generator().manual_seed(seed)
+    time = time or max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), time), generator=g)
+    lens = torch.tensor(lengths)
+    ids = ids.masked_fill(torch.arange(time).unsqueeze(0) >= lens.unsqueeze(1), PAD)
+    return {"input_ids": ids, "lengths": lens, "labels": torch.randint(0, CLASSES, (len(lengths),), generator=g)}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_reach_every_parameter(cell, direction, pooling, stack):
+    model = classifier(cell, direction, pooling, **STACKS[stack])
+    batch = token_batch([5, 1, 8, 3], time=12)
+    logits = model(batch["input_ids"], batch["lengths"])
+    model.loss(logits, batch["labels"]).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, f"{name} gets no gradient"
+    assert torch.all(model.embedding.weight.grad[PAD] == 0)  # the padding row stays put
+
+
+def memorise(model: TextClassifier, batch: dict[str, torch.Tensor], max_steps: int = 400) -> float:
+    """Train on one batch until every example is right; the final training accuracy."""
+    optimizer = model.configure_optimizers()
+    model.train()
+    accuracy = 0.0
+    for _ in range(max_steps):
+        logits = model(batch["input_ids"], batch["lengths"])
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+        if accuracy == 1.0:
+            break
+        optimizer.zero_grad()
+        model.loss(logits, batch["labels"]).backward()
+        optimizer.step()
+    return accuracy
+
+
+OVERFIT_CASES = [  # every cell x direction, each pooling three times; then a deep residual GRU and a stacked BiLSTM
+    pytest.param(c, d, POOLINGS[(i + j) % 4], {}, id=f"{c}-{d}-{POOLINGS[(i + j) % 4]}")
+    for i, c in enumerate(CELLS)
+    for j, d in enumerate(DIRECTIONS)
+] + [
+    pytest.param("gru", "forward", "last", dict(num_layers=4, residual=True), id="gru-4-layer-residual"),
+    pytest.param("lstm", "bidirectional", "last", dict(num_layers=2), id="lstm-2-layer-bidirectional"),
+]
+
+
+@pytest.mark.parametrize("cell,direction,pooling,encoder", OVERFIT_CASES)
+def test_overfits_one_small_batch(cell, direction, pooling, encoder):
+    model = classifier(cell, direction, pooling, hidden=16, **encoder)
+    model.hparams.lr = 1e-2
+    batch = token_batch([3, 9, 1, 6, 12, 4, 7, 2, 10, 5, 8, 11, 6, 3, 9, 2], seed=1)
+    assert memorise(model, batch) == 1.0
+    model.eval()  # and it still holds without dropout noise, on the padded batch
+    with torch.no_grad():
+        assert torch.equal(model(batch["input_ids"], batch["lengths"]).argmax(-1), batch["labels"])
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_whatever_sits_in_padding_changes_no_logit(direction, pooling):
+    model = classifier(CELLS[POOLINGS.index(pooling)], direction, pooling, num_layers=2).eval()
+    batch = token_batch([4, 1, 7], time=20)
+    noisy = batch["input_ids"].clone()
+    padding = noisy == PAD
+    noisy[padding] = torch.randint(1, VOCAB, (int(padding.sum()),))  # real tokens where padding was
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["lengths"])
+        assert logits.shape == (3, CLASSES)
+        torch.testing.assert_close(model(noisy, batch["lengths"]), logits, rtol=0, atol=1e-5)
+        for b, n in enumerate(batch["lengths"].tolist()):
+            alone = model(batch["input_ids"][b : b + 1, :n], batch["lengths"][b : b + 1])
+            torch.testing.assert_close(alone[0], logits[b], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction,width", [("forward", 6), ("reverse", 6), ("bidirectional", 12)])
+def test_head_sizes_itself_from_the_encoder(direction, width):
+    model = classifier("gru", direction, "attention")
+    assert model.head[-1].in_features == width and model.head[-1].out_features == CLASSES
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    model = classifier("gru", "forward", "last")
+    model.hparams.update(lr=1e-2, warmup_steps=10, lr_decay=True)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=110)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(110):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-3) and rates[9] == pytest.approx(1e-2)  # linear from lr / warmup_steps
+    assert all(a < b for a, b in zip(rates[:9], rates[1:10]))
+    assert rates[60] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-4

@@ -1,0 +1,234 @@
+"""Export: exact on padded batches for every encoder, dynamic axes, a self-check that fails loudly, the CLIs."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import nlprnn.export as export
+from nlprnn.deploy import Predictor
+from nlprnn.deploy.predictor import make_session
+from nlprnn.export import ExportCheckFailed, export_model, export_onnx, load_checkpoint
+from nlprnn.models.classifier import TextClassifier
+from nlprnn.models.encoder import RNNEncoder
+
+from conftest import make_examples, write_csv
+from deploy.tiny_bundles import write_tokenizer
+
+VOCAB = 19  # the tiny tokenizer's size
+LABELS = ["a", "b", "c"]
+TOLERANCE = 1e-4
+MIXED_LENGTHS = [1, 300, 2, 17, 299, 150, 64, 3, 250, 5, 100, 1, 42, 8, 200, 33, 120]  # 17 rows
+
+
+def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False) -> TextClassifier:
+    """Random weights with dropout on everywhere: export must switch it off to match eval-mode PyTorch."""
+    torch.manual_seed(0)
+    encoder = functools.partial(
+        RNNEncoder, cell=cell, hidden_size=4, num_layers=num_layers, direction=direction, dropout=0.3, residual=residual
+    )
+    return TextClassifier(VOCAB, len(LABELS), embedding_dim=4, embedding_dropout=0.3, encoder=encoder, pooling=pooling,
+                          dropout=0.3)
+
+
+def random_batch(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(B, max length) ids, padded with 0 after each row's real tokens, and (B,) lengths."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array(lengths, dtype=np.int64)
+    ids = rng.integers(1, VOCAB, size=(len(lengths), lengths.max()), dtype=np.int64)
+    ids[np.arange(ids.shape[1]) >= lengths[:, None]] = 0
+    return ids, lengths
+
+
+def max_difference(model: TextClassifier, session, lengths: list[int]) -> float:
+    """Largest |ONNX - PyTorch| logit on a random batch of the given lengths."""
+    ids, lengths = random_batch(lengths, seed=len(lengths))
+    (onnx_logits,) = session.run(["logits"], {"input_ids": ids, "lengths": lengths})
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    return write_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+DIRECTIONS = ["forward", "reverse", "bidirectional"]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_export_is_exact_on_mixed_length_batches(tmp_path, cell, direction, pooling, num_layers):
+    assert_exact_export(tiny_model(cell, direction, pooling, num_layers), tmp_path)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_export_is_exact_for_deep_residual_stacks(tmp_path, cell, direction):
+    assert_exact_export(tiny_model(cell, direction, "mean", num_layers=3, residual=True), tmp_path)
+
+
+def assert_exact_export(model: TextClassifier, tmp_path: Path) -> None:
+    """ONNX logits within TOLERANCE of PyTorch's on 17 mixed lengths 1..300 and on single rows of 1 and 300."""
+    model.eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    assert not model.training, "export must leave the model in eval mode"
+    session = make_session(tmp_path / "model.onnx", threads=1)
+    assert max_difference(model, session, MIXED_LENGTHS) <= TOLERANCE  # batch of 17
+    for length in (1, 300):  # batch of 1
+        assert max_difference(model, session, [length]) <= TOLERANCE
+
+
+def test_a_short_tracing_example_still_serves_long_texts(tmp_path, tokenizer_file):
+    model = tiny_model()
+    bundle = export_model(model, tmp_path / "bundle", tokenizer_file, LABELS, max_length=300, example_length=5)
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"input_ids": ["batch", "time"], "lengths": ["batch"]}
+    predictor = Predictor(bundle, threads=1)
+    text = " ".join(["good movie plot"] * 100)  # 300 tokens
+    (ids,) = predictor.encode([text])
+    assert len(ids) == 300
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]), torch.tensor([300])).numpy()
+    np.testing.assert_allclose(predictor.score([text]).logits, expected, rtol=0, atol=TOLERANCE)
+
+
+def exporting_a_different_model(monkeypatch) -> None:
+    """Make export write a model whose output layer differs from the one it checks against."""
+    real_export_onnx = export.export_onnx
+
+    def export_perturbed(model, path, example_length=export.EXAMPLE_LENGTH):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.head[-1].bias += 0.01
+        real_export_onnx(other, path, example_length)
+
+    monkeypatch.setattr(export, "export_onnx", export_perturbed)
+
+
+def test_a_failed_check_leaves_no_bundle(tmp_path, tokenizer_file, monkeypatch):
+    exporting_a_different_model(monkeypatch)
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportCheckFailed, match=r"differ from PyTorch's by 0\.01 .*no bundle was written"):
+        export_model(tiny_model(), out, tokenizer_file, LABELS, max_length=50)
+    assert list(out.parent.iterdir()) == []  # neither the bundle nor its scratch folder
+
+
+def test_mismatched_tokenizer_or_labels(tmp_path, tokenizer_file):
+    with pytest.raises(export.UserError, match="3 classes but there are 2 labels"):
+        export_model(tiny_model(), tmp_path / "b", tokenizer_file, LABELS[:2], max_length=50)
+    small = TextClassifier(5, 3)
+    with pytest.raises(export.UserError, match="has 19 tokens, more than the model's 5"):
+        export_model(small, tmp_path / "b", tokenizer_file, LABELS, max_length=50)
+    assert not (tmp_path / "b").exists()
+
+
+# --- from a run folder of `python -m nlprnn.fit` ---
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real (tiny, one-epoch) fit run with --export true."""
+    from nlprnn.fit import main as fit
+
+    root = tmp_path_factory.mktemp("fit")
+    data = write_csv(root / "tiny.csv", make_examples(120))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NLPRNN_CACHE", str(root / "cache"))
+        env.setenv("WANDB_MODE", "offline")
+        env.delenv("NLPRNN_RUN_NAME", raising=False)
+        fit([
+            "--data.train_file", str(data), "--data.max_length", "40", "--data.batch_size", "16",
+            "--model.embedding_dim", "8", "--model.encoder.hidden_size", "8", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger", "false", "--output_dir", str(root / "runs"), "--run_name", "tiny", "--export", "true",
+        ])
+    return root / "runs" / "tiny"
+
+
+def test_fit_exports_the_best_checkpoint_when_asked(run_dir):
+    bundle = run_dir / "bundle"
+    manifest = json.loads((bundle / "nlprnn.json").read_text())
+    assert manifest["test_metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    assert manifest["max_length"] == 40  # as trained, read from the run folder
+    assert manifest["encoder"]["hidden_size"] == 8 and manifest["encoder"]["direction"] == "bidirectional"
+    assert json.loads((bundle / "labels.json").read_text()) == ["negative", "positive"]
+    # From raw text, the bundle computes what the checkpoint computes.
+    model = load_checkpoint(run_dir / "best.ckpt").eval()
+    predictor = Predictor(bundle, threads=1)
+    texts = [row["text"] for row in make_examples(20, seed=1)] + ["an unseen word salad " * 30]
+    for text, logits in zip(texts, predictor.score(texts).logits):
+        (ids,) = predictor.encode([text])
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]), torch.tensor([len(ids)]))[0].numpy()
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=TOLERANCE)
+
+
+def test_fit_help_documents_the_export_flag(capsys):
+    from nlprnn.fit import main as fit
+
+    with pytest.raises(SystemExit) as exit_info:
+        fit(["--help"])
+    assert exit_info.value.code == 0
+    assert "--export" in capsys.readouterr().out
+
+
+def test_export_cli(run_dir, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert export.main([str(run_dir / "best.ckpt"), "--out", str(out)]) == out
+    assert f"bundle written to {out}" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(run_dir), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("already exists; choose another --out or pass --overwrite to replace it")
+
+    assert json.loads((out / "nlprnn.json").read_text())["test_metrics"] is not None
+    export.main([str(run_dir / "last.ckpt"), "--out", str(out), "--overwrite"])
+    assert json.loads((out / "nlprnn.json").read_text())["test_metrics"] is None  # they were measured on best.ckpt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no scratch or old copy left
+
+
+def test_export_cli_fails_loudly_when_the_check_fails(run_dir, tmp_path, capsys, monkeypatch):
+    exporting_a_different_model(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(run_dir), "--out", str(tmp_path / "bundle")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nlprnn.export: error: the ONNX model's logits differ") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "no tokenizer"])
+def test_export_cli_bad_checkpoints(run_dir, tmp_path, capsys, problem):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("labels.json", "tokenizer.json"):
+        if not (problem == "no tokenizer" and name == "tokenizer.json"):
+            (folder / name).write_bytes((run_dir / name).read_bytes())
+    if problem == "corrupt":
+        (folder / "best.ckpt").write_bytes(b"not a checkpoint")
+    elif problem == "no tokenizer":
+        (folder / "best.ckpt").write_bytes((run_dir / "best.ckpt").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    expected = {
+        "missing": "checkpoint not found",
+        "corrupt": "is not a readable nlprnn checkpoint",
+        "no tokenizer": "has no tokenizer.json",
+    }[problem]
+    assert expected in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (folder / "bundle").exists()

@@ -1,0 +1,196 @@
+"""Fault tolerance: resume after kill -9 and after SIGTERM, non-finite loss, bad checkpoints, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from nlprnn.callbacks import check_resumable
+from nlprnn.errors import UserError
+from nlprnn.fit import main
+from nlprnn.models.classifier import TextClassifier
+
+TESTS = Path(__file__).resolve().parent
+STEPS_PER_EPOCH = 10  # 160 training examples of the tiny CSV in batches of 16
+
+
+def tiny(csv: Path, out: Path, run: str, *extra: str) -> list[str]:
+    """A tiny, dropout-free model on the tiny CSV: 3 epochs of 10 steps, LR warm-up then cosine decay."""
+    return [
+        "--data.train_file", str(csv), "--data.batch_size", "16",
+        "--model.embedding_dim", "16", "--model.encoder.hidden_size", "16", "--model.encoder.num_layers", "1",
+        "--model.encoder.direction", "forward", "--model.encoder.dropout", "0", "--model.embedding_dropout", "0",
+        "--model.dropout", "0", "--model.lr", "0.01", "--model.warmup_steps", "4", "--model.lr_decay", "true",
+        "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "2", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--output_dir", str(out), "--run_name", run, *extra,
+    ]
+
+
+def fit_in_process(args: list[str], monkeypatch) -> dict[str, float]:
+    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)  # set by the previous run of this process
+    return main(args)
+
+
+def start_fit(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m nlprnn.fit ARGS` in the background, its output to `log` (a pipe could fill and block it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}  # PYTHONPATH: StallAt below
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "nlprnn.fit", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+class StallAt(Callback):
+    """At optimizer step `step`, create `marker` and wait there until SIGTERM arrives (or a kill)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).touch()
+            while not trainer.received_sigterm:
+                time.sleep(0.05)
+
+
+def stall_at(step: int, marker: Path) -> list[str]:
+    return ["--trainer.callbacks+=test_faults.StallAt", f"--trainer.callbacks.step={step}",
+            f"--trainer.callbacks.marker={marker}"]
+
+
+def wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before reaching the step:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("training did not reach the step in time")
+        time.sleep(0.05)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_training(resumed: dict, uninterrupted: dict) -> None:
+    """Same optimizer steps, LR schedule, weights and final validation accuracy as the uninterrupted run."""
+    assert resumed["global_step"] == uninterrupted["global_step"] == 3 * STEPS_PER_EPOCH
+    assert resumed["optimizer_states"][0]["state"][0]["step"] == 3 * STEPS_PER_EPOCH
+    assert resumed["lr_schedulers"][0]["last_epoch"] == uninterrupted["lr_schedulers"][0]["last_epoch"]
+    final_val_acc = [next(s["current_score"] for k, s in c["callbacks"].items() if "ModelCheckpoint" in k)
+                     for c in (resumed, uninterrupted)]
+    assert abs(final_val_acc[0] - final_val_acc[1]) <= 0.1  # 20 validation examples: 2 of them
+    # With the same batches in the same order (no dropout), the weights agree to rounding.
+    for name, weight in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_csv, monkeypatch):
+    out = tmp_path / "runs"
+    marker = tmp_path / "stalled"
+    log = tmp_path / "killed.log"
+    proc = start_fit(tiny(tiny_csv, out, "killed", "--checkpoint_every_n_steps", "4", *stall_at(6, marker)), log)
+    wait_for(marker, proc, log)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait(timeout=60)
+    saved = load(out / "killed" / "last.ckpt")
+    assert saved["global_step"] == 4  # the last every-4-steps save before step 6, mid-epoch 0
+    assert not list((out / "killed").glob(".*tmp")), "a temporary checkpoint file was left behind"
+
+    fit_in_process(tiny(tiny_csv, out, "killed", "--ckpt_path", "last"), monkeypatch)
+    fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
+    assert_same_training(load(out / "killed" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
+
+
+def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_path, tiny_csv, monkeypatch):
+    out = tmp_path / "runs"
+    marker = tmp_path / "stalled"
+    log = tmp_path / "stopped.log"
+    proc = start_fit(tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0", *stall_at(5, marker)), log)
+    wait_for(marker, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM at step 5; resume with --run_name stopped" in stderr
+    assert "Traceback" not in stderr
+    saved = load(out / "stopped" / "last.ckpt")
+    assert saved["global_step"] == 5
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 5}]
+    TextClassifier.load_from_checkpoint(out / "stopped" / "last.ckpt", map_location="cpu")
+
+    fit_in_process(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"), monkeypatch)
+    fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
+    assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_csv, monkeypatch, capsys
+):
+    training_step = TextClassifier.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = training_step(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 6 else loss  # from the 7th optimizer step on
+
+    monkeypatch.setattr(TextClassifier, "training_step", poisoned)
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        fit_in_process(tiny(tiny_csv, out, "nan", "--checkpoint_every_n_steps", "5"), monkeypatch)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nlprnn.fit: error: the training loss became NaN or infinite at step 7;")
+    saved = load(out / "nan" / "last.ckpt")
+    assert saved["global_step"] == 5
+    assert all(torch.isfinite(w).all() for w in saved["state_dict"].values())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "weights only"])
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    path = tmp_path / "last.ckpt"
+    checkpoint = {"state_dict": {"w": torch.randn(64, 64)}, "optimizer_states": [{}], "loops": {}}
+    if damage == "weights only":
+        checkpoint = {"state_dict": checkpoint["state_dict"]}
+    torch.save(checkpoint, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    with pytest.raises(UserError, match="truncated or corrupt" if damage != "weights only" else "no training state"):
+        check_resumable(path)
+
+
+def test_resuming_from_a_truncated_last_checkpoint_is_one_line_on_stderr(tmp_path, tiny_csv, monkeypatch, capsys):
+    run = tmp_path / "runs" / "broken"
+    run.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.randn(64, 64)}}, run / "last.ckpt")
+    (run / "last.ckpt").write_bytes((run / "last.ckpt").read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        fit_in_process(tiny(tiny_csv, tmp_path / "runs", "broken", "--ckpt_path", "last"), monkeypatch)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"nlprnn.fit: error: cannot resume: {run / 'last.ckpt'} is not a readable checkpoint")
+    assert run.is_dir()  # the user's run folder is never removed
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, tiny_csv, monkeypatch):
+    # Dropout on, so the seeded random stream matters too.
+    dropout = ["--model.embedding_dropout", "0.2", "--model.dropout", "0.2", "--trainer.max_epochs", "2"]
+    first = fit_in_process(tiny(tiny_csv, tmp_path / "runs", "first", *dropout), monkeypatch)
+    second = fit_in_process(tiny(tiny_csv, tmp_path / "runs", "second", *dropout), monkeypatch)
+    assert first == second and all(math.isfinite(v) for v in first.values())
+    assert json.loads((tmp_path / "runs" / "first" / "metrics.json").read_text()) == first
+    a, b = (load(tmp_path / "runs" / r / "last.ckpt")["state_dict"] for r in ("first", "second"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
