@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from nlprnn.cache import atomic_write_bytes
+from nlprnn.data.batching import ResumableLoader
 from nlprnn.errors import UserError
 
 # --- telemetry ------------------------------------------------------------------------------------
@@ -312,55 +313,6 @@ def check_resumable(path: Path) -> None:
 
 
 # --- resumable data order -------------------------------------------------------------------------
-
-
-class ResumableLoader:
-    """A training DataLoader whose position is saved in checkpoints.
-
-    The batch order of an epoch is a function of the sampler's (seed, epoch); this wrapper records the
-    epoch and how many batches it has handed out, Lightning stores that in each checkpoint
-    (`state_dict`), and a loader restored from it (`load_state_dict`) starts that epoch after those
-    batches (it reads and drops them: data loading only, no compute). Lightning looks for
-    `set_epoch` on `loader.sampler`, which a batch sampler is not; this wrapper passes it on.
-    """
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.batch_sampler = loader.batch_sampler
-        self.epoch = 0
-        self.served = 0  # batches handed out in the current epoch
-        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
-
-    @property
-    def sampler(self) -> ResumableLoader:
-        return self  # Lightning calls `loader.sampler.set_epoch(epoch)` before each epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        # A generator: its body, and so the epoch's order, starts at the first batch, after set_epoch.
-        skip = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
-        self._resume = None
-        self.served = skip
-        for index, batch in enumerate(self.loader):
-            if index >= skip:
-                self.served = index + 1
-                yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (state["epoch"], state["batches"])
-        self.set_epoch(state["epoch"])
 
 
 class RestoreLoaderPosition(Callback):

@@ -28,24 +28,17 @@ from nlprnn.callbacks import (
     NonFiniteLoss,
     NonFiniteLossGuard,
     RestoreLoaderPosition,
-    ResumableLoader,
     TrainingMonitor,
     check_resumable,
 )
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.errors import UserError, exit_on_user_error
 from nlprnn.models.classifier import TextClassifier
+from nlprnn.threads import fit_threads_to_machine
 from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, copy_file, new_run_name, write_json, write_text
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the signal ended: the run is not finished
-
-
-class FitDataModule(TextDataModule):
-    """TextDataModule whose training loader is saved in checkpoints: a resumed epoch skips the batches it has seen."""
-
-    def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(super().train_dataloader())
 
 
 class FitCLI(LightningCLI):
@@ -147,38 +140,6 @@ def fit_and_test(cli: FitCLI) -> dict[str, float]:
     return metrics
 
 
-def available_cores() -> int:
-    """Physical cores this process may run on: its CPU affinity, one per core, capped by a cgroup CPU quota."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    count = len(cores)
-    try:  # cgroup v2: "max <period>" or "<quota> <period>"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            count = min(count, int(quota) // int(period))
-    except (OSError, ValueError):
-        pass
-    return max(count, 1)
-
-
-def fit_threads_to_machine() -> None:
-    """At most one torch thread per available core, unless OMP_NUM_THREADS says otherwise.
-
-    torch counts the host's cores, not a container's CPU quota; OpenMP threads beyond the cores wait on
-    each other at every step (on 2 cores an LSTM ran 25-60x slower). DDP on CPU divides further.
-    """
-    import torch
-
-    if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > available_cores():
-        torch.set_num_threads(available_cores())
-
-
 def with_default_config(args: list[str]) -> list[str]:
     """configs/default.yaml is the starting point unless the user names a config of their own."""
     named = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
@@ -192,7 +153,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     with exit_on_user_error("nlprnn.fit"):
         cli = FitCLI(
             TextClassifier,
-            FitDataModule,
+            TextDataModule,
             run=False,
             args=args,
             seed_everything_default=42,

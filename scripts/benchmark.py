@@ -74,14 +74,14 @@ def cpu_model() -> tuple[str, list[str]]:
 def machine_info(threads: int, device: str) -> dict:
     import torch
 
-    from nlprnn import fit
+    from nlprnn.threads import available_cores
 
     name, flags = cpu_model()
     info = {
         "cpu_model": name,
         "cpu_flags": flags,
         "logical_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "physical_cores_available": fit.available_cores(),
+        "physical_cores_available": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "threads_requested": threads,
@@ -104,7 +104,8 @@ def build_pipeline(config: Path, overrides: list[str]):
     """(model, datamodule, trainer settings, data settings) as `python -m nlprnn.fit --config CONFIG ...` makes them."""
     from lightning.pytorch.cli import LightningCLI
 
-    from nlprnn.fit import FitCLI, FitDataModule
+    from nlprnn.data.datamodule import TextDataModule
+    from nlprnn.fit import FitCLI
     from nlprnn.models.classifier import TextClassifier
 
     class SettingsOnly(FitCLI):
@@ -115,7 +116,7 @@ def build_pipeline(config: Path, overrides: list[str]):
             return LightningCLI.instantiate_trainer(self, logger=False, enable_checkpointing=False)
 
     cli = SettingsOnly(
-        TextClassifier, FitDataModule, run=False, args=["--config", str(config), *overrides],
+        TextClassifier, TextDataModule, run=False, args=["--config", str(config), *overrides],
         seed_everything_default=42, save_config_callback=None, auto_configure_optimizers=False,
     )
     return cli.model, cli.datamodule, cli.trainer_settings, cli.config.data.as_dict()
@@ -805,7 +806,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (args.warmup_steps is not None and args.warmup_steps < 1) or (args.steps is not None and args.steps < 1):
         raise SystemExit("--warmup-steps and --steps must be at least 1")
     env_threads = os.environ.get("OMP_NUM_THREADS", "")
-    from nlprnn.fit import available_cores
+    from nlprnn.threads import available_cores
 
     args.threads = args.threads or (int(env_threads) if env_threads.isdigit() else available_cores())
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # before tokenizers starts its pool

@@ -10,11 +10,11 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
+from nlprnn.data.batching import ResumableLoader
 from nlprnn.callbacks import (
     AtomicCheckpointIO,
     NonFiniteLoss,
     NonFiniteLossGuard,
-    ResumableLoader,
     TrainingMonitor,
     per_class_scores,
     plot_confusion_matrix,

@@ -16,7 +16,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from nlprnn.cache import atomic_dir, cache_dir
-from nlprnn.data.batching import BucketBatchSampler, Collate, TokenizedSplit
+from nlprnn.data.batching import BucketBatchSampler, Collate, ResumableLoader, TokenizedSplit
 from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import PAD, TokenizerConfig, load_tokenizer, text_batches, train_tokenizer
 
@@ -189,8 +189,9 @@ class TextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        # Resumable: a run resumed mid-epoch skips the batches it has already trained on.
+        return ResumableLoader(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)
