@@ -47,7 +47,7 @@ def test_one_run_measures_everything_and_writes_json_markdown_and_plot(tmp_path)
         [sys.executable, str(SCRIPT), "--out", str(out), "--warmup-steps", "1", "--steps", "2", "--repeats", "1",
          "--memory-epochs", "1", "--inference-runs", "3", "--inference-texts", "16", "--note", "tiny smoke run",
          "--", "--data.train_file", str(train_file), "--data.batch_size", "16", "--model.embedding_dim", "8",
-         "--model.encoder.hidden_size", "8"],
+         "--model.encoder.hidden_size", "8", "--model.encoder.dropout", "0.3"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

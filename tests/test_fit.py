@@ -39,7 +39,7 @@ def test_fit_trains_tests_and_saves_the_run_folder(tmp_path, tiny_csv):
         p.name for p in run.iterdir()
     }
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_acc"] >= 0.95 and metrics["test_f1_macro"] >= 0.95  # the tiny data is easy
+    assert metrics["test_acc"] >= 0.9 and metrics["test_f1_macro"] >= 0.9  # the tiny data is easy; chance is 0.5
     assert f"test accuracy {metrics['test_acc']:.4f}" in proc.stdout and str(run) in proc.stdout
     assert json.loads((run / "labels.json").read_text()) == ["negative", "positive"]
     assert list(run.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run was written"
