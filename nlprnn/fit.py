@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from nlprnn import slurm, tracking
 from nlprnn.callbacks import (
     AtomicCheckpointIO,
     ConfusionMatrixReport,
@@ -34,8 +36,10 @@ from nlprnn.callbacks import (
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.errors import UserError, exit_on_user_error
 from nlprnn.models.classifier import TextClassifier
+from nlprnn.run_dir import (
+    RUN_NAME_ENV, claim_run_dir, copy_file, dataset_stem, new_run_name, write_json, write_text,
+)
 from nlprnn.threads import fit_threads_to_machine
-from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, copy_file, new_run_name, write_json, write_text
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the signal ended: the run is not finished
@@ -56,6 +60,10 @@ class FitCLI(LightningCLI):
         for attribute in ("vocab_size", "num_classes", "pad_id"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        if self.config.trainer.get("logger") in (None, True) and tracking.online() and rank_zero_only.rank == 0:
+            tracking.check_online_login()  # before the data is prepared: a missing key or network fails in seconds
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # The data is prepared by now (the links above read it), so bad input has already been reported.
         self.claim_run_dir()
@@ -67,19 +75,24 @@ class FitCLI(LightningCLI):
         guard = NonFiniteLossGuard()  # checked before last.ckpt is written, so it comes first
         callbacks += [guard, LastCheckpoint(self.run_dir, self.config.checkpoint_every_n_steps, guard),
                       RestoreLoaderPosition(), ConfusionMatrixReport(self.run_dir)]
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        self.slurm_requeue = None
+        if slurm.in_slurm_job() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            self.slurm_requeue = slurm.RequeueOnSignal()
+            callbacks.append(self.slurm_requeue)
+            plugins.append(slurm.cluster_environment())
         logger = trainer_config.get("logger")
         if logger is None or logger is True:
-            logger = wandb_logger(self.config.wandb_project, self.run_name, self.run_dir)
+            logger = tracking.wandb_logger(self.config.wandb_project, self.run_name, self.run_dir)
         if logger:
             callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
         bar_wanted = trainer_config.get("enable_progress_bar") is not False
         if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Each refresh reads the logged loss (a host sync on a GPU): refresh when the logger writes, not every step.
             callbacks.append(TQDMProgressBar(refresh_rate=trainer_config.get("log_every_n_steps") or 50))
-        plugins = trainer_config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(
             callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(self.run_dir),
             use_distributed_sampler=False, **kwargs
@@ -87,24 +100,35 @@ class FitCLI(LightningCLI):
 
 
     def claim_run_dir(self) -> None:
-        """Choose and create the run folder; DDP workers started by the launcher reuse the launcher's."""
+        """Choose and create the run folder, and the checkpoint to resume from.
+
+        DDP workers started by Lightning reuse the launcher's folder. The tasks of a SLURM job step agree
+        on one named after the job, which the job finds again, and resumes, when it is requeued.
+        """
         config = self.config
         inherited = os.environ.get(RUN_NAME_ENV)
         if config.ckpt_path == "last" and not (config.run_name or inherited):
             raise UserError("--ckpt_path last needs --run_name: the run to resume")
-        # torchrun and SLURM start every process themselves: only a given name is the same in all of them
-        started_outside = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        if started_outside and not (config.run_name or inherited):
-            raise UserError("processes started by torchrun or SLURM need --run_name, so that they share one run folder")
-        self.run_name = inherited or config.run_name or new_run_name(config.data.train_file or config.data.dataset)
+        self.run_name = inherited or config.run_name or self.default_run_name()
         self.run_dir = Path(config.output_dir) / self.run_name
+        last = self.run_dir / "last.ckpt"
+        requeued = slurm.in_slurm_job() and slurm.was_requeued() and self.run_dir.is_dir()
+        self.resume_from = str(last) if config.ckpt_path == "last" or (requeued and last.exists()) else config.ckpt_path
         self.created_run_dir = False
         if rank_zero_only.rank == 0 and not inherited:
             self.created_run_dir = not self.run_dir.exists()
             # a checkpoint path may start a new run folder; 'last' always continues an existing one
-            resuming = config.ckpt_path == "last" or (config.ckpt_path is not None and self.run_dir.is_dir())
+            resuming = requeued or config.ckpt_path == "last" or (config.ckpt_path is not None and self.run_dir.is_dir())
             claim_run_dir(Path(config.output_dir), self.run_name, resuming=resuming)
         os.environ[RUN_NAME_ENV] = self.run_name
+
+    def default_run_name(self) -> str:
+        dataset = dataset_stem(self.config.data.train_file or self.config.data.dataset)
+        if slurm.in_slurm_job():
+            return slurm.default_run_name(dataset)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a name made here would differ in every process
+            raise UserError("processes started by torchrun need --run_name, so that they share one run folder")
+        return new_run_name(dataset)
 
     def discard_run_dir(self) -> None:
         """Remove the run folder this process made, so a failed run leaves nothing half-written."""
@@ -112,18 +136,9 @@ class FitCLI(LightningCLI):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def wandb_logger(project: str, run_name: str, run_dir: Path) -> WandbLogger:
-    """W&B, offline unless WANDB_MODE says otherwise: no account or network needed; `wandb sync` uploads later."""
-    mode = os.environ.get("WANDB_MODE", "offline")
-    # A resumed run is a new W&B run; the group keeps the pieces of one run folder together.
-    return WandbLogger(project=project, name=run_name, group=run_name, save_dir=str(run_dir), offline=mode == "offline")
-
-
 def fit_and_test(cli: FitCLI) -> dict[str, float]:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    ckpt_path = cli.config.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(cli.run_dir / "last.ckpt")
+    ckpt_path = cli.resume_from
     if ckpt_path:
         check_resumable(Path(ckpt_path))
     if trainer.is_global_zero:
@@ -138,6 +153,24 @@ def fit_and_test(cli: FitCLI) -> dict[str, float]:
         write_json(cli.run_dir / "metrics.json", metrics)
         print(f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}; run folder {cli.run_dir}")
     return metrics
+
+
+def report_stop(cli: FitCLI) -> None:
+    """After SIGTERM (or SLURM's time-limit signal) saved last.ckpt: say how the run goes on."""
+    step = cli.trainer.global_step
+    if cli.slurm_requeue is not None and cli.slurm_requeue.requested:
+        print(f"nlprnn.fit: stopped at step {step} before the time limit; requeuing SLURM job {slurm.job_id()}, "
+              "which resumes from last.ckpt", file=sys.stderr, flush=True)
+        if isinstance(cli.trainer.logger, WandbLogger):
+            cli.trainer.logger.experiment.finish()  # the requeue ends this process before exit handlers run
+        problem = slurm.requeue()
+        if problem:
+            raise UserError(f"last.ckpt is saved, but `scontrol requeue {slurm.job_id()}` failed ({problem}); "
+                            f"continue with --run_name {cli.run_name} --output_dir {cli.config.output_dir} "
+                            "--ckpt_path last")
+    else:
+        print(f"nlprnn.fit: stopped by SIGTERM at step {step}; resume with --run_name {cli.run_name} "
+              f"--output_dir {cli.config.output_dir} --ckpt_path last", file=sys.stderr)
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -169,9 +202,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             raise
         except SIGTERMException:
             if cli.trainer.is_global_zero:
-                print(f"nlprnn.fit: stopped by SIGTERM at step {cli.trainer.global_step}; "
-                      f"resume with --run_name {cli.run_name} --output_dir {cli.config.output_dir} --ckpt_path last",
-                      file=sys.stderr)
+                report_stop(cli)
             raise SystemExit(SIGTERM_EXIT_STATUS) from None
         if cli.config.export and cli.trainer.is_global_zero:
             from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for

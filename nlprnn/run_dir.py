@@ -16,10 +16,15 @@ from nlprnn.errors import UserError
 RUN_NAME_ENV = "NLPRNN_RUN_NAME"
 
 
-def new_run_name(dataset: str) -> str:
-    """Unique per run and sortable by start time, e.g. 20261122-101530-movie-snippets-3f9a."""
+def dataset_stem(dataset: str) -> str:
+    """A dataset name or file as part of a folder name: movie-snippets, reviews (reviews.csv), imdb (stanfordnlp/imdb)."""
     stem = Path(dataset).stem if os.sep in dataset or "." in dataset else dataset
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{stem.replace('/', '--')}-{secrets.token_hex(2)}"
+    return stem.replace("/", "--")
+
+
+def new_run_name(dataset_stem: str) -> str:
+    """Unique per run and sortable by start time, e.g. 20261122-101530-movie-snippets-3f9a."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset_stem}-{secrets.token_hex(2)}"
 
 
 def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:

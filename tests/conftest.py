@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:  # tests run inside a SLURM job are no SLURM tasks
+        monkeypatch.delenv(name)
     return cache
 
 

@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 10  # 160 training examples of the tiny CSV in batches of 16
 
 
-def tiny(csv: Path, out: Path, run: str, *extra: str) -> list[str]:
+def tiny(csv: Path, out: Path, run: str | None, *extra: str) -> list[str]:
     """A tiny, dropout-free model on the tiny CSV: 3 epochs of 10 steps, LR warm-up then cosine decay."""
     return [
         "--data.train_file", str(csv), "--data.batch_size", "16",
@@ -33,7 +33,7 @@ def tiny(csv: Path, out: Path, run: str, *extra: str) -> list[str]:
         "--model.dropout", "0", "--model.lr", "0.01", "--model.warmup_steps", "4", "--model.lr_decay", "true",
         "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "2", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--output_dir", str(out), "--run_name", run, *extra,
+        "--output_dir", str(out), *(["--run_name", run] if run else []), *extra,
     ]
 
 

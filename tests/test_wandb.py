@@ -92,3 +92,36 @@ def test_an_offline_run_holds_step_telemetry_and_the_test_report(tmp_path, tiny_
     hits = {row[0]: row[2] for row in cells["data"] if row[0] == row[1]}
     assert sum(hits.values()) / 20 == round(metrics["test_acc"], 6)
     assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def online_fit(tmp_path: Path, api_key: str | None) -> subprocess.CompletedProcess:
+    """fit in W&B online mode, with no credentials but `api_key` and no network but the sandbox's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               WANDB_BASE_URL="http://127.0.0.1:9", OMP_NUM_THREADS="1")  # port 9 (discard): nothing answers
+    if api_key is not None:
+        env["WANDB_API_KEY"] = api_key
+    return subprocess.run(
+        [sys.executable, "-m", "nlprnn.fit", "--data.train_file", str(tmp_path / "missing.csv"),
+         "--output_dir", str(tmp_path / "runs")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+
+
+def test_online_mode_without_a_key_is_one_line_before_anything_else(tmp_path):
+    proc = online_fit(tmp_path, api_key=None)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "nlprnn.fit: error: WANDB_MODE=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # checked before the data (here a missing file) and the run folder
+
+
+def test_online_mode_that_cannot_log_in_is_one_line(tmp_path):
+    proc = online_fit(tmp_path, api_key="0" * 40)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nlprnn.fit: error: WANDB_MODE=online, but W&B login failed (")
+    assert last.endswith("or unset WANDB_MODE to log offline and upload later with `wandb sync`")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
