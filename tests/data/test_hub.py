@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -43,12 +44,21 @@ def test_a_name_lookup_that_hangs_is_cut_short(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(sources.socket, "create_connection", lambda *a, **k: time.sleep(60))
+    released = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        released.wait(60)
+        raise OSError("Temporary failure in name resolution")  # how the lookup ends, once the test is over
+
+    monkeypatch.setattr(sources.socket, "create_connection", hanging_lookup)
     monkeypatch.setattr(datasets, "load_dataset", no_hub_download)
     start = time.monotonic()
-    with pytest.raises(UserError, match="cannot be reached"):
-        load_splits(SourceSpec(dataset="ag_news"))
-    assert time.monotonic() - start < sources.HUB_PROBE_TIMEOUT_S + 2
+    try:
+        with pytest.raises(UserError, match="cannot be reached"):
+            load_splits(SourceSpec(dataset="ag_news"))
+        assert time.monotonic() - start < sources.HUB_PROBE_TIMEOUT_S + 2
+    finally:
+        released.set()
 
 
 def test_offline_mode_with_an_empty_cache_fails_in_seconds(tmp_path):
