@@ -182,6 +182,8 @@ def with_default_config(args: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> dict[str, float]:
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
+    # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     fit_threads_to_machine()
     with exit_on_user_error("nlprnn.fit"):
         cli = FitCLI(
