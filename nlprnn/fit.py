@@ -48,7 +48,8 @@ SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the sig
 class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
-                            help="Name of the run folder under output_dir (default: time, dataset and a random tag).")
+                            help="Name of the run folder under output_dir (default: time, dataset and a random tag; "
+                                 "under SLURM: dataset, job id and step, the same after a requeue).")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="Where run folders go.")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume training: 'last' (of --run_name) or a checkpoint path.")
