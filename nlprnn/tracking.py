@@ -24,11 +24,12 @@ def check_online_login() -> None:
     try:
         wandb.login(verify=True, timeout=LOGIN_TIMEOUT_S)
     except wandb.errors.UsageError:
-        raise UserError(f"WANDB_MODE=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, {OFFLINE_HINT}")
+        raise UserError("WANDB_MODE=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, "
+                        f"{OFFLINE_HINT}") from None
     except Exception as err:  # AuthenticationError, CommError, timeouts: all mean "cannot log in from here"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"WANDB_MODE=online, but W&B login failed ({reason}); check the network and the key, "
-                        f"{OFFLINE_HINT}")
+                        f"{OFFLINE_HINT}") from None
 
 
 def wandb_logger(project: str, run_name: str, run_dir: Path) -> WandbLogger:
