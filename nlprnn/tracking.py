@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -12,6 +16,21 @@ from nlprnn.errors import UserError
 LOGIN_TIMEOUT_S = 10
 OFFLINE_HINT = "or unset WANDB_MODE to log offline and upload later with `wandb sync`"
 
+# Run in a child process: after a failed login, wandb's exit handlers can wait minutes for its service.
+LOGIN_CHECK = f"""
+import json, os, sys
+try:
+    import wandb
+    wandb.login(verify=True, timeout={LOGIN_TIMEOUT_S})
+    result = {{"ok": True}}
+except Exception as err:
+    lines = str(err).strip().splitlines()
+    result = {{"ok": False, "no_key": type(err).__name__ == "UsageError", "reason": lines[0] if lines else repr(err)}}
+with open(sys.argv[1], "w") as f:
+    json.dump(result, f)
+os._exit(0)
+"""
+
 
 def online() -> bool:
     return os.environ.get("WANDB_MODE", "offline") in ("online", "run")
@@ -19,17 +38,21 @@ def online() -> bool:
 
 def check_online_login() -> None:
     """Log in before any data is prepared: without a key or a network, wandb would fail minutes later, mid-setup."""
-    import wandb
-
-    try:
-        wandb.login(verify=True, timeout=LOGIN_TIMEOUT_S)
-    except wandb.errors.UsageError:
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = Path(tmp) / "login.json"
+        try:  # no pipes: wandb's service, which outlives the check for a while, would hold them open
+            subprocess.run([sys.executable, "-c", LOGIN_CHECK, str(answer)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=LOGIN_TIMEOUT_S + 50)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"WANDB_MODE=online, but W&B login did not finish in {LOGIN_TIMEOUT_S + 50} s; "
+                            f"check the network, {OFFLINE_HINT}") from None
+        result = json.loads(answer.read_text()) if answer.exists() else {"ok": False, "reason": "wandb crashed"}
+    if result.get("no_key"):
         raise UserError("WANDB_MODE=online needs a W&B API key: run `wandb login` or set WANDB_API_KEY, "
-                        f"{OFFLINE_HINT}") from None
-    except Exception as err:  # AuthenticationError, CommError, timeouts: all mean "cannot log in from here"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"WANDB_MODE=online, but W&B login failed ({reason}); check the network and the key, "
-                        f"{OFFLINE_HINT}") from None
+                        f"{OFFLINE_HINT}")
+    if not result["ok"]:
+        raise UserError(f"WANDB_MODE=online, but W&B login failed ({result['reason']}); check the network and the "
+                        f"key, {OFFLINE_HINT}")
 
 
 def wandb_logger(project: str, run_name: str, run_dir: Path) -> WandbLogger:
