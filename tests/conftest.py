@@ -6,11 +6,25 @@ import csv
 import os
 import random
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
+from nlprnn.models.encoder import Cell, Direction
+from nlprnn.models.pooling import PoolingKind
+
 torch.set_num_threads(1)  # tests run tiny models; more threads only fight each other on small machines
+
+# The encoder grid the tests sweep, read from the typed signatures: a new cell or pooling is tested too.
+CELLS = list(get_args(Cell))
+DIRECTIONS = list(get_args(Direction))
+POOLINGS = list(get_args(PoolingKind))
+STACKS = {
+    "1-layer": dict(num_layers=1),
+    "3-layer": dict(num_layers=3),
+    "3-layer-residual": dict(num_layers=3, residual=True),
+}
 
 POSITIVE = "good great fine superb lovely wonderful excellent charming moving brilliant".split()
 NEGATIVE = "bad awful dull boring poor weak terrible messy tedious clumsy".split()

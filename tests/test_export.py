@@ -19,7 +19,7 @@ from nlprnn.export import ExportCheckFailed, export_model, export_onnx, load_che
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.models.encoder import RNNEncoder
 
-from conftest import make_examples, write_csv
+from conftest import CELLS, DIRECTIONS, POOLINGS, make_examples, write_csv
 from deploy.tiny_bundles import write_tokenizer
 
 VOCAB = 19  # the tiny tokenizer's size
@@ -61,12 +61,10 @@ def tokenizer_file(tmp_path_factory) -> Path:
     return write_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
 
 
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-DIRECTIONS = ["forward", "reverse", "bidirectional"]
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_export_is_exact_on_mixed_length_batches(tmp_path, cell, direction, pooling, num_layers):

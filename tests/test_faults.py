@@ -42,14 +42,6 @@ def fit_in_process(args: list[str], monkeypatch) -> dict[str, float]:
     return main(args)
 
 
-def start_fit(args: list[str], log: Path) -> subprocess.Popen:
-    """`python -m nlprnn.fit ARGS` in the background, its output to `log` (a pipe could fill and block it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}  # PYTHONPATH: StallAt below
-    with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "nlprnn.fit", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
 class StallAt(Callback):
     """At optimizer step `step`, create `marker` and wait there until SIGTERM arrives (or a kill)."""
 
@@ -64,13 +56,16 @@ class StallAt(Callback):
                 time.sleep(0.05)
 
 
-def stall_at(step: int, marker: Path) -> list[str]:
-    return ["--trainer.callbacks+=test_faults.StallAt", f"--trainer.callbacks.step={step}",
+def fit_stalled_at(step: int, args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`python -m nlprnn.fit ARGS` in the background, once it waits at optimizer step `step`; and its log."""
+    marker, log = tmp_path / "stalled", tmp_path / "fit.log"
+    args = [*args, "--trainer.callbacks+=test_faults.StallAt", f"--trainer.callbacks.step={step}",
             f"--trainer.callbacks.marker={marker}"]
-
-
-def wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}  # PYTHONPATH: for StallAt
+    with log.open("w") as out:  # not a pipe: a full one would block the run
+        proc = subprocess.Popen([sys.executable, "-m", "nlprnn.fit", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
     while not marker.exists():
         if proc.poll() is not None:
             pytest.fail(f"training exited ({proc.returncode}) before reaching the step:\n{log.read_text()[-3000:]}")
@@ -78,6 +73,7 @@ def wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 3
             proc.kill()
             pytest.fail("training did not reach the step in time")
         time.sleep(0.05)
+    return proc, log
 
 
 def load(path: Path) -> dict:
@@ -99,10 +95,7 @@ def assert_same_training(resumed: dict, uninterrupted: dict) -> None:
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_csv, monkeypatch):
     out = tmp_path / "runs"
-    marker = tmp_path / "stalled"
-    log = tmp_path / "killed.log"
-    proc = start_fit(tiny(tiny_csv, out, "killed", "--checkpoint_every_n_steps", "4", *stall_at(6, marker)), log)
-    wait_for(marker, proc, log)
+    proc, _ = fit_stalled_at(6, tiny(tiny_csv, out, "killed", "--checkpoint_every_n_steps", "4"), tmp_path)
     proc.kill()  # SIGKILL: no handler, no cleanup
     proc.wait(timeout=60)
     saved = load(out / "killed" / "last.ckpt")
@@ -116,10 +109,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tin
 
 def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_path, tiny_csv, monkeypatch):
     out = tmp_path / "runs"
-    marker = tmp_path / "stalled"
-    log = tmp_path / "stopped.log"
-    proc = start_fit(tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0", *stall_at(5, marker)), log)
-    wait_for(marker, proc, log)
+    proc, log = fit_stalled_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), tmp_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     stderr = log.read_text()

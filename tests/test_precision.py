@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import CELLS
 from nlprnn import precision
 from nlprnn.fit import main
 from nlprnn.models.encoder import RNNEncoder
 
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
 @pytest.mark.parametrize("cell", CELLS)

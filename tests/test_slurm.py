@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_faults import assert_same_training, fit_in_process, load, stall_at, start_fit, tiny, wait_for
+from test_faults import assert_same_training, fit_in_process, fit_stalled_at, load, tiny
 
 from nlprnn import slurm
 
@@ -43,10 +43,7 @@ def test_the_run_folder_is_named_after_the_job_and_step(slurm_task, monkeypatch)
 def test_the_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path, tiny_csv, slurm_task,
                                                                            monkeypatch):
     out = tmp_path / "runs"
-    marker = tmp_path / "stalled"
-    log = tmp_path / "job.log"
-    proc = start_fit(tiny(tiny_csv, out, None, "--checkpoint_every_n_steps", "0", *stall_at(5, marker)), log)
-    wait_for(marker, proc, log)
+    proc, log = fit_stalled_at(5, tiny(tiny_csv, out, None, "--checkpoint_every_n_steps", "0"), tmp_path)
     proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=USR1@120` sends before the time limit
     proc.wait(timeout=120)
     output = log.read_text()
@@ -68,10 +65,7 @@ def test_the_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(tmp_p
 def test_a_failed_requeue_is_one_line_and_keeps_the_checkpoint(tmp_path, tiny_csv, slurm_task):
     (slurm_task.parent / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
     out = tmp_path / "runs"
-    marker = tmp_path / "stalled"
-    log = tmp_path / "job.log"
-    proc = start_fit(tiny(tiny_csv, out, None, "--checkpoint_every_n_steps", "0", *stall_at(3, marker)), log)
-    wait_for(marker, proc, log)
+    proc, log = fit_stalled_at(3, tiny(tiny_csv, out, None, "--checkpoint_every_n_steps", "0"), tmp_path)
     proc.send_signal(signal.SIGUSR1)
     proc.wait(timeout=120)
     output = log.read_text()

@@ -9,17 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import CELLS, DIRECTIONS, POOLINGS, STACKS
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.models.encoder import RNNEncoder
 
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-DIRECTIONS = ["forward", "reverse", "bidirectional"]
-POOLINGS = ["last", "mean", "max", "attention"]
-STACKS = {
-    "1-layer": dict(num_layers=1),
-    "3-layer": dict(num_layers=3),
-    "3-layer-residual": dict(num_layers=3, residual=True),
-}
 VOCAB, CLASSES, PAD = 40, 3, 0
 
 

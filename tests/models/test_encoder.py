@@ -16,19 +16,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from conftest import CELLS, DIRECTIONS, POOLINGS, STACKS
 from nlprnn.models.encoder import RNNEncoder
 from nlprnn.models.pooling import Pooling
 
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-DIRECTIONS = ["forward", "reverse", "bidirectional"]
-POOLINGS = ["last", "mean", "max", "attention"]
-# Bidirectional layers are 2 * HIDDEN = INPUT wide, so their residual reaches the first layer too;
+# In the residual STACKS, bidirectional layers are 2 * HIDDEN = INPUT wide, so their residual reaches the first layer too;
 # one-way layers are narrower than the input, so only the upper layers add their input.
-STACKS = {
-    "1-layer": dict(num_layers=1),
-    "3-layer": dict(num_layers=3),
-    "3-layer-residual": dict(num_layers=3, residual=True),
-}
 INPUT, HIDDEN = 8, 4
 TOL = 1e-5
 
