@@ -1,4 +1,4 @@
-"""User-facing errors: one clear sentence, no traceback."""
+"""Errors a user reads as one clear sentence, without a traceback."""
 
 from __future__ import annotations
 
@@ -7,15 +7,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-class UserError(Exception):
+class ReportedError(Exception):
+    """A failure reported as one line on stderr and `exit_status`; its message says what to do."""
+
+    exit_status = 1
+
+
+class UserError(ReportedError):
     """A mistake the user can fix (bad path, column, dataset name...). Its message says how."""
+
+    exit_status = 2
 
 
 @contextmanager
-def exit_on_user_error(prog: str) -> Iterator[None]:
-    """Turn a `UserError` into one line on stderr and exit status 2; anything else stays loud."""
+def exit_on_reported_error(prog: str) -> Iterator[None]:
+    """Turn a `ReportedError` into one line on stderr and its exit status; anything else stays loud."""
     try:
         yield
-    except UserError as err:
+    except ReportedError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(err.exit_status) from None

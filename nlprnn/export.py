@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer
 from nlprnn.deploy.bundle import (
     INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
 )
-from nlprnn.errors import UserError, exit_on_user_error
+from nlprnn.errors import ReportedError, UserError, exit_on_reported_error
 from nlprnn.models.classifier import TextClassifier
 
 TOLERANCE = 1e-4  # largest accepted |logit(ONNX) - logit(PyTorch)|
@@ -48,8 +47,8 @@ CHECK_ROWS = 17  # rows of the mixed-length check batch
 BEST = "best.ckpt"
 
 
-class ExportCheckFailed(RuntimeError):
-    """The exported model does not compute what the PyTorch model computes."""
+class ExportCheckFailed(ReportedError):
+    """The exported model does not compute what the PyTorch model computes (exit status 1)."""
 
 
 class OnnxClassifier(nn.Module):
@@ -221,20 +220,9 @@ def export_checkpoint(
 def export_after_fit(best_checkpoint: str, run_dir: Path) -> Path:
     """`python -m nlprnn.fit --export true`: the best (or else the last) checkpoint to <run folder>/bundle."""
     checkpoint = Path(best_checkpoint) if best_checkpoint else run_dir / "last.ckpt"
-    with exit_on_failed_check("nlprnn.fit"):
-        out = export_checkpoint(checkpoint, run_dir / "bundle", overwrite=True)
+    out = export_checkpoint(checkpoint, run_dir / "bundle", overwrite=True)
     print(f"bundle written to {out}")
     return out
-
-
-@contextmanager
-def exit_on_failed_check(prog: str) -> Iterator[None]:
-    """A failed check is one line on stderr and exit status 1, apart from user errors' status 2."""
-    try:
-        yield
-    except ExportCheckFailed as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def _training_max_length(run_dir: Path) -> int:
@@ -325,7 +313,7 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
 
 def main(args: list[str] | None = None) -> Path:
     options = parse_args(args)
-    with exit_on_user_error("nlprnn.export"), exit_on_failed_check("nlprnn.export"):
+    with exit_on_reported_error("nlprnn.export"):
         out = export_checkpoint(options.checkpoint, options.out, options.overwrite, options.max_length)
     print(f"bundle written to {out}")
     return out

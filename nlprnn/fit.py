@@ -34,7 +34,7 @@ from nlprnn.callbacks import (
     check_resumable,
 )
 from nlprnn.data.datamodule import TextDataModule
-from nlprnn.errors import UserError, exit_on_user_error
+from nlprnn.errors import UserError, exit_on_reported_error
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import (
     RUN_NAME_ENV, claim_run_dir, copy_file, dataset_stem, new_run_name, write_json, write_text,
@@ -186,7 +186,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     fit_threads_to_machine()
-    with exit_on_user_error("nlprnn.fit"):
+    with exit_on_reported_error("nlprnn.fit"):
         cli = FitCLI(
             TextClassifier,
             TextDataModule,

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 
-from nlprnn.errors import UserError, exit_on_user_error
+from nlprnn.errors import UserError, exit_on_reported_error
 
 CHUNK = 4096  # texts read, predicted and printed at a time: bounded memory, output starts early
 
@@ -60,7 +60,7 @@ def chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def main(args: list[str] | None = None) -> None:
     options = parse_args(args)
-    with exit_on_user_error("nlprnn.predict"):
+    with exit_on_reported_error("nlprnn.predict"):
         from nlprnn.deploy.predictor import Predictor
 
         predictor = Predictor(options.bundle, batch_size=options.batch_size, threads=options.threads)

@@ -27,7 +27,7 @@ import torch
 
 from nlprnn.deploy.inputs import read_texts
 from nlprnn.deploy.predictor import Predictor, default_threads
-from nlprnn.errors import exit_on_user_error
+from nlprnn.errors import exit_on_reported_error
 from nlprnn.export import BEST, export_checkpoint, load_checkpoint
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     checkpoint = Path(options.checkpoint)
     checkpoint = checkpoint / BEST if checkpoint.is_dir() else checkpoint
-    with exit_on_user_error("bench_inference"), tempfile.TemporaryDirectory() as scratch:
+    with exit_on_reported_error("bench_inference"), tempfile.TemporaryDirectory() as scratch:
         bundle = export_checkpoint(checkpoint, Path(scratch) / "bundle")
         predictor = Predictor(bundle, batch_size=options.batch_size, threads=threads)
         model = load_checkpoint(checkpoint).eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_examples, write_csv
+from conftest import write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = [

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from nlprnn.data.catalog import CATALOG, label_counts
-from nlprnn.errors import exit_on_user_error
+from nlprnn.errors import exit_on_reported_error
 
 
 def format_entry(name: str, counts: dict[str, int]) -> str:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
 
     datasets.disable_progress_bars()  # the listing is the output
-    with exit_on_user_error("nlprnn.data"):
+    with exit_on_reported_error("nlprnn.data"):
         for name in CATALOG:
             print(format_entry(name, label_counts(name)), flush=True)
 

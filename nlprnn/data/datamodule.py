@@ -6,7 +6,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
