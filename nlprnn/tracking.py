@@ -14,18 +14,19 @@ from lightning.pytorch.loggers import WandbLogger
 from nlprnn.errors import UserError
 
 LOGIN_TIMEOUT_S = 10
+CHECK_DEADLINE_S = LOGIN_TIMEOUT_S + 50  # the child process as a whole: start-up, login and its retries
 OFFLINE_HINT = "or unset WANDB_MODE to log offline and upload later with `wandb sync`"
 
-# Run in a child process: after a failed login, wandb's exit handlers can wait minutes for its service.
-LOGIN_CHECK = f"""
+# Run in a child process that skips exit handlers: after a failed login, wandb's wait minutes for its service.
+LOGIN_CHECK = """
 import json, os, sys
 try:
     import wandb
-    wandb.login(verify=True, timeout={LOGIN_TIMEOUT_S})
-    result = {{"ok": True}}
+    wandb.login(verify=True, timeout=float(sys.argv[2]))
+    result = {"ok": True}
 except Exception as err:
     lines = str(err).strip().splitlines()
-    result = {{"ok": False, "no_key": type(err).__name__ == "UsageError", "reason": lines[0] if lines else repr(err)}}
+    result = {"ok": False, "no_key": type(err).__name__ == "UsageError", "reason": lines[0] if lines else repr(err)}
 with open(sys.argv[1], "w") as f:
     json.dump(result, f)
 os._exit(0)
@@ -41,10 +42,11 @@ def check_online_login() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         answer = Path(tmp) / "login.json"
         try:  # no pipes: wandb's service, which outlives the check for a while, would hold them open
-            subprocess.run([sys.executable, "-c", LOGIN_CHECK, str(answer)], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=LOGIN_TIMEOUT_S + 50)
+            subprocess.run([sys.executable, "-c", LOGIN_CHECK, str(answer), str(LOGIN_TIMEOUT_S)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=CHECK_DEADLINE_S)
         except subprocess.TimeoutExpired:
-            raise UserError(f"WANDB_MODE=online, but W&B login did not finish in {LOGIN_TIMEOUT_S + 50} s; "
+            raise UserError(f"WANDB_MODE=online, but W&B login did not finish in {CHECK_DEADLINE_S} s; "
                             f"check the network, {OFFLINE_HINT}") from None
         result = json.loads(answer.read_text()) if answer.exists() else {"ok": False, "reason": "wandb crashed"}
     if result.get("no_key"):
