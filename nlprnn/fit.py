@@ -11,16 +11,19 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn import slurm, tracking
 from nlprnn.callbacks import (
@@ -34,6 +37,7 @@ from nlprnn.callbacks import (
     check_resumable,
 )
 from nlprnn.data.datamodule import TextDataModule
+from nlprnn.derived import PATIENCE_EPOCHS, epoch_budget
 from nlprnn.errors import UserError, exit_on_reported_error
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import (
@@ -58,7 +62,10 @@ class FitCLI(LightningCLI):
                             help="Also write last.ckpt every this many optimizer steps (0: only at epoch ends).")
         parser.add_argument("--export", type=bool, default=False,
                             help="At the end, export the best checkpoint to <run folder>/bundle (see nlprnn.export).")
-        for attribute in ("vocab_size", "num_classes", "pad_id"):
+        parser.add_argument("--baseline", type=bool, default=True,
+                            help="Also train TF-IDF + logistic regression on the same training split and report its "
+                                 "test accuracy and macro-F1 beside the model's.")
+        for attribute in ("vocab_size", "num_classes", "pad_id", "typical_length"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
@@ -70,6 +77,13 @@ class FitCLI(LightningCLI):
         self.claim_run_dir()
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
+        derived = {**self.datamodule.derived, **self.model.derived}
+        if self.budget_left_open(trainer_config):
+            derived["trainer.max_epochs"] = epoch_budget(self.datamodule.train_size, self.datamodule.batch_size)
+            kwargs["max_epochs"] = derived["trainer.max_epochs"].value
+            callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=PATIENCE_EPOCHS))
+        for name, choice in derived.items():
+            rank_zero_info(f"{name} = {choice.value} (derived from the training split: {choice.reason})")
         callbacks.append(ModelCheckpoint(
             dirpath=self.run_dir, filename="best", monitor="val_acc", mode="max", auto_insert_metric_name=False,
         ))
@@ -99,6 +113,12 @@ class FitCLI(LightningCLI):
             use_distributed_sampler=False, **kwargs
         )
 
+    @staticmethod
+    def budget_left_open(trainer_config) -> bool:
+        """Whether the recipe and command line leave the length of training to be derived from the data."""
+        given = ("max_epochs", "max_steps", "max_time", "fast_dev_run")
+        open_values = (None, -1, False)
+        return all(trainer_config.get(key) in open_values for key in given)
 
     def claim_run_dir(self) -> None:
         """Choose and create the run folder, and the checkpoint to resume from.
@@ -137,7 +157,8 @@ class FitCLI(LightningCLI):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def fit_and_test(cli: FitCLI) -> dict[str, float]:
+def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
+    """Train, then test the best checkpoint; with test=False only train and return {"best_val_acc": ...}."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.resume_from
     if ckpt_path:
@@ -147,12 +168,26 @@ def fit_and_test(cli: FitCLI) -> dict[str, float]:
         copy_file(data.tokenizer_file, cli.run_dir / "tokenizer.json")
         write_json(cli.run_dir / "labels.json", data.labels)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    if not test:  # nlprnn.tune selects on validation only: no test split, no baseline
+        score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        return {"best_val_acc": float("nan") if score is None else float(score)}
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
     results = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
     metrics = {name: float(value) for name, value in results[0].items()}
     if trainer.is_global_zero:
+        summary = f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}"
+        if cli.config.baseline:
+            from nlprnn.baseline import fit_baseline  # scikit-learn only when the baseline runs
+            from nlprnn.data.sources import load_splits
+
+            baseline = fit_baseline(load_splits(data.source))  # the same splits the model saw
+            metrics.update(baseline)
+            if trainer.logger:
+                trainer.logger.log_metrics(baseline)
+            summary += (f" (TF-IDF + logistic regression: {baseline['baseline_test_acc']:.4f}, "
+                        f"{baseline['baseline_test_f1_macro']:.4f})")
         write_json(cli.run_dir / "metrics.json", metrics)
-        print(f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}; run folder {cli.run_dir}")
+        print(f"{summary}; run folder {cli.run_dir}")
     return metrics
 
 
@@ -180,39 +215,49 @@ def with_default_config(args: list[str]) -> list[str]:
     return args if named or not DEFAULT_CONFIG.exists() else ["--config", str(DEFAULT_CONFIG), *args]
 
 
-def main(args: list[str] | None = None) -> dict[str, float]:
+def main(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True) -> dict[str, float]:
+    """Train and test; a mistake ends the process with one line on stderr and exit status 2.
+
+    `callbacks` join the Trainer's. test=False trains and validates only (see fit_and_test).
+    """
+    with exit_on_reported_error("nlprnn.fit"):
+        return run(args, callbacks, test)
+
+
+def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True) -> dict[str, float]:
+    """main() without the one-line report: a ReportedError reaches the caller (nlprnn.tune runs trials with it)."""
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     fit_threads_to_machine()
-    with exit_on_reported_error("nlprnn.fit"):
-        cli = FitCLI(
-            TextClassifier,
-            TextDataModule,
-            run=False,
-            args=args,
-            seed_everything_default=42,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-        )
-        try:
-            metrics = fit_and_test(cli)
-        except NonFiniteLoss:
-            raise  # keep the run folder: its last.ckpt is the last good state
-        except UserError:
-            cli.discard_run_dir()
-            raise
-        except SIGTERMException:
-            if cli.trainer.is_global_zero:
-                report_stop(cli)
-            raise SystemExit(SIGTERM_EXIT_STATUS) from None
-        if cli.config.export and cli.trainer.is_global_zero:
-            from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for
+    cli = FitCLI(
+        TextClassifier,
+        TextDataModule,
+        run=False,
+        args=args,
+        seed_everything_default=42,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": list(callbacks)},  # appended to the configured ones; not part of the config
+    )
+    try:
+        metrics = fit_and_test(cli, test)
+    except NonFiniteLoss:
+        raise  # keep the run folder: its last.ckpt is the last good state
+    except UserError:
+        cli.discard_run_dir()
+        raise
+    except SIGTERMException:
+        if cli.trainer.is_global_zero:
+            report_stop(cli)
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
+    if cli.config.export and cli.trainer.is_global_zero:
+        from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for
 
-            checkpoint = cli.trainer.checkpoint_callback
-            export_after_fit(checkpoint.best_model_path if checkpoint else "", cli.run_dir)
-        return metrics
+        checkpoint = cli.trainer.checkpoint_callback
+        export_after_fit(checkpoint.best_model_path if checkpoint else "", cli.run_dir)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from nlprnn.errors import UserError
 LOGIN_TIMEOUT_S = 10
 CHECK_DEADLINE_S = LOGIN_TIMEOUT_S + 50  # the child process as a whole: start-up, login and its retries
 OFFLINE_HINT = "or unset WANDB_MODE to log offline and upload later with `wandb sync`"
+WANDB_GROUP_ENV = "NLPRNN_WANDB_GROUP"  # the W&B group of a run; its run name when unset
 
 # Run in a child process that skips exit handlers: after a failed login, wandb's wait minutes for its service.
 LOGIN_CHECK = """
@@ -59,5 +60,7 @@ def check_online_login() -> None:
 
 def wandb_logger(project: str, run_name: str, run_dir: Path) -> WandbLogger:
     """The run's W&B logger; its files go to <run folder>/wandb, whether offline or online."""
-    # A resumed run is a new W&B run; the group keeps the pieces of one run folder together.
-    return WandbLogger(project=project, name=run_name, group=run_name, save_dir=str(run_dir), offline=not online())
+    # A resumed run is a new W&B run; the group keeps the pieces of one run folder together
+    # (nlprnn.tune sets NLPRNN_WANDB_GROUP to its study, so that one study's trials form one group).
+    group = os.environ.get(WANDB_GROUP_ENV) or run_name
+    return WandbLogger(project=project, name=run_name, group=group, save_dir=str(run_dir), offline=not online())

@@ -83,7 +83,7 @@ def build(monkeypatch, tmp_path, tiny_csv):
     def build(config: Path) -> nlprnn.fit.FitCLI:
         built = {}
 
-        def stop_before_training(cli):
+        def stop_before_training(cli, test=True):
             built["cli"] = cli
             return {}
 

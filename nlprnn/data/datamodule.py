@@ -17,10 +17,13 @@ from torch.utils.data import DataLoader
 from nlprnn.cache import atomic_dir, cache_dir
 from nlprnn.data.batching import BucketBatchSampler, Collate, ResumableLoader, TokenizedSplit
 from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
-from nlprnn.data.tokenizer import PAD, TokenizerConfig, load_tokenizer, text_batches, train_tokenizer
+from nlprnn.data.tokenizer import (
+    PAD, TokenizerConfig, load_tokenizer, resolve_auto, text_batches, train_tokenizer,
+)
+from nlprnn.derived import LENGTH_SAMPLE, Derived, max_length_from, typical_length
 
 log = logging.getLogger(__name__)
-PREPARED_FORMAT = 3  # bump when the prepared layout or tokenization changes
+PREPARED_FORMAT = 4  # bump when the prepared layout or tokenization changes
 MAP_BATCH = 1000  # texts per tokenizer call while preparing
 
 
@@ -34,7 +37,7 @@ class TextDataModule(L.LightningDataModule):
         text_column: str = "text",
         label_column: str = "label",
         tokenizer: TokenizerConfig = TokenizerConfig(),
-        max_length: int = 256,
+        max_length: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         num_proc: int | None = None,
@@ -51,7 +54,8 @@ class TextDataModule(L.LightningDataModule):
             text_column: the column that holds the text.
             label_column: the column that holds the label (strings or integers).
             tokenizer: how to build the tokenizer (trained on the training split only).
-            max_length: texts are cut to this many tokens.
+            max_length: texts are cut to this many tokens; None derives it from the training texts' lengths
+                (their 95th percentile, see nlprnn.derived) and logs why.
             batch_size: examples per batch (per device).
             num_workers: data-loader worker processes; 0 loads in the training process.
             num_proc: processes that tokenize while preparing the data; None tokenizes in this process
@@ -60,7 +64,7 @@ class TextDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.source = SourceSpec(dataset, train_file, validation_file, test_file, text_column, label_column, split_seed)
-        self.tokenizer_config = tokenizer
+        self.tokenizer_config = tokenizer  # as given; resolve_auto(...) is what the tokenizer is built from
         self.max_length = max_length
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -85,6 +89,21 @@ class TextDataModule(L.LightningDataModule):
     @property
     def labels(self) -> list[str]:
         return self.meta["labels"]
+
+    @property
+    def derived(self) -> dict[str, Derived]:
+        """The data settings derived from the training split, by their dotted config path."""
+        return {name: Derived(**choice) for name, choice in self.meta.get("derived", {}).items()}
+
+    @property
+    def typical_length(self) -> int:
+        """The median token count of the training texts (the model derives its open settings from it)."""
+        return self.meta["typical_length"]
+
+    @property
+    def train_size(self) -> int:
+        """Training examples (for budgets derived from the data)."""
+        return self.meta["sizes"]["train"]
 
     @property
     def class_counts(self) -> list[int]:
@@ -114,7 +133,7 @@ class TextDataModule(L.LightningDataModule):
             "format": PREPARED_FORMAT,
             "source": asdict(self.source),
             "files": {split: _file_identity(path) for split, path in self.source.files.items()},
-            "tokenizer": asdict(self.tokenizer_config),
+            "tokenizer": asdict(resolve_auto(self.tokenizer_config)),
             "tokenizer_file": _file_identity(self.tokenizer_config.file) if self.tokenizer_config.file else None,
             "max_length": self.max_length,
         }
@@ -136,11 +155,21 @@ class TextDataModule(L.LightningDataModule):
             if target.exists():
                 return
             splits = load_splits(self.source)
-            tokenizer = train_tokenizer(text_batches(splits["train"]), self.tokenizer_config)
+            config = resolve_auto(self.tokenizer_config)
+            tokenizer = train_tokenizer(text_batches(splits["train"]), config)
+            lengths = sample_lengths(splits["train"], tokenizer)
+            derived = {} if self.max_length else {"data.max_length": max_length_from(lengths)}
+            if self.tokenizer_config.vector_words == "auto":
+                derived["data.tokenizer.vector_words"] = Derived(
+                    config.vector_words or "none",
+                    "the words of the installed word vectors join the vocabulary, so words unseen in training "
+                    "keep their vectors" if config.vector_words else "no word vectors are installed (or the "
+                    "tokenizer is not word-level)")
+            max_length = self.max_length or derived["data.max_length"].value
             with atomic_dir(target) as scratch:
-                tokenized, counts = tokenize_splits(splits, tokenizer, self.max_length, self.num_proc)
+                tokenized, counts = tokenize_splits(splits, tokenizer, max_length, self.num_proc)
                 tokenized.save_to_disk(str(scratch / "splits"))
-                tokenizer.enable_truncation(self.max_length)  # what serving the model will do too
+                tokenizer.enable_truncation(max_length)  # what serving the model will do too
                 tokenizer.save(str(scratch / "tokenizer.json"))
                 label_ids = tokenized["train"].with_format("numpy", columns=["label"])[:]["label"]
                 labels = splits["train"].features["label"].names
@@ -149,7 +178,9 @@ class TextDataModule(L.LightningDataModule):
                     "pad_id": tokenizer.token_to_id(PAD),
                     "labels": labels,
                     "class_counts": np.bincount(label_ids, minlength=len(labels)).tolist(),
-                    "max_length": self.max_length,
+                    "max_length": max_length,
+                    "typical_length": typical_length(lengths),
+                    "derived": {name: asdict(choice) for name, choice in derived.items()},
                     "sizes": {s: len(tokenized[s]) for s in SPLITS},
                     **counts,
                 }
@@ -197,6 +228,15 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def sample_lengths(train, tokenizer) -> np.ndarray:
+    """(N,) untruncated token counts of a seeded sample of at most LENGTH_SAMPLE training texts."""
+    rows = np.random.default_rng(0).permutation(len(train))[:LENGTH_SAMPLE]
+    texts = train.select(np.sort(rows)).with_format("arrow", columns=["text"])[:]["text"].to_pylist()  # bounded
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    tokenizer.no_truncation()
+    return np.fromiter((len(e.ids) for e in encode_batch(texts)), dtype=np.int64, count=len(texts))
 
 
 def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = None):

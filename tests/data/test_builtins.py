@@ -65,6 +65,12 @@ def fake_wheel(monkeypatch):
         zf.writestr(CATALOG["trec6"].member, many_questions(300))
         zf.writestr(CATALOG["sms-spam"].member, SMS)
         zf.writestr(CATALOG["movie-snippets"].member, "id\tsentiment\ttext\n1\t2.1\tGreat.\n2\t-1.2\tBad.\n")
+        bbc = CATALOG["bbc-news"].member
+        zf.writestr(bbc + "tech/001.txt", "Chips get faster\n\nA new chip costs \u00a3100.".encode())
+        zf.writestr(bbc + "tech/002.txt", "Old news\n\nPriced at \xa350.".encode("latin-1"))  # not UTF-8
+        zf.writestr(bbc + "sports/001.txt", "Cup final\n\nThe match ended 2-1.")
+        zf.writestr(bbc + "sports/002.txt", "CUP   final\n\nThe match ended 2-1.")  # a duplicate, dropped
+        zf.writestr(bbc + "README.md", "not an article")
     wheel = buffer.getvalue()
 
     def download(requirement: str, dest: Path) -> Path:
@@ -93,7 +99,19 @@ def test_list_prints_every_builtin_with_size_and_balance(fake_wheel, capsys):
     assert "trec6                300 examples  6 classes  ABBR 16.7%, DESC 16.7%" in out
     assert "sms-spam               4 examples  2 classes  ham 50.0%, spam 50.0%" in out
     assert "movie-snippets         2 examples  2 classes  negative 50.0%, positive 50.0%" in out
+    assert "bbc-news               3 examples  5 classes  business 0.0%, entertainment 0.0%" in out
     assert CATALOG["sms-spam"].description in out
+
+
+def test_news_articles_are_labelled_by_their_folder(fake_wheel):
+    ds = catalog.load_builtin("bbc-news")
+    rows = sorted(zip(ds["label"], ds["text"]))
+    names = ds.features["label"].names
+    assert [(names[label], text) for label, text in rows] == [
+        ("sports", "Cup final\n\nThe match ended 2-1."),
+        ("tech", "Chips get faster\n\nA new chip costs \u00a3100."),
+        ("tech", "Old news\n\nPriced at \u00a350."),
+    ]
 
 
 @pytest.mark.slow
@@ -103,3 +121,5 @@ def test_real_builtins_have_the_documented_sizes(shared_cache, monkeypatch):
     assert sum(trec.values()) == 5380 and list(trec) == list(catalog.TREC6_LABELS)
     sms = label_counts("sms-spam")
     assert 4500 <= sum(sms.values()) <= 4530 and 0.11 < sms["spam"] / sum(sms.values()) < 0.14
+    news = label_counts("bbc-news")  # 2,225 articles, 101 of them repeated
+    assert news == {"business": 503, "entertainment": 369, "politics": 403, "sports": 502, "tech": 347}

@@ -1,0 +1,61 @@
+"""NgramBag: a hand-computed reference, padding invariance, and the classifier's wide-and-deep head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nlprnn.models.classifier import TextClassifier
+from nlprnn.models.ngrams import BIGRAM_PRIME, NgramBag
+
+VOCAB, BUCKETS, DIM = 30, 11, 5
+
+
+def reference(bag: NgramBag, ids: list[int]) -> torch.Tensor:
+    """Sum of the embeddings of each token and each hashed adjacent pair, over sqrt of their count."""
+    rows = list(ids) + [(a * BIGRAM_PRIME + b) % BUCKETS + VOCAB for a, b in zip(ids, ids[1:])]
+    return bag.table.weight[rows].sum(0) / math.sqrt(len(rows))
+
+
+def test_matches_the_hand_computed_bag_and_ignores_padding():
+    torch.manual_seed(0)
+    bag = NgramBag(VOCAB, DIM, BUCKETS)
+    rows = [[3, 7, 7, 2, 9], [4], [5, 6]]
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    noisy = torch.randint(1, VOCAB, (3, 8))  # anything at all where padding would be
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        noisy[b, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        out = bag(ids, lengths)
+        torch.testing.assert_close(bag(noisy, lengths), out, rtol=0, atol=1e-6)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(out[b], reference(bag, row), rtol=0, atol=1e-6)
+            torch.testing.assert_close(bag(ids[b : b + 1, : len(row)], lengths[b : b + 1])[0], out[b], rtol=0, atol=1e-6)
+
+
+def test_pairs_are_ordered():
+    """"not good" and "good not" are different pairs (unless they share a bucket, which these ids do not)."""
+    torch.manual_seed(0)
+    bag = NgramBag(VOCAB, DIM, BUCKETS)
+    lengths = torch.tensor([2])
+    with torch.no_grad():
+        assert not torch.allclose(bag(torch.tensor([[3, 4]]), lengths), bag(torch.tensor([[4, 3]]), lengths))
+
+
+@pytest.mark.parametrize("typical_length,width", [(400, 64), (12, 0)])
+def test_the_classifier_derives_the_bag_from_the_texts_length(typical_length, width):
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, typical_length=typical_length)
+    assert (model.ngrams.output_dim if model.ngrams else 0) == width
+    assert model.head[-1].in_features == model.encoder.output_dim + width
+    assert model.derived["model.ngram_dim"].value == width and str(typical_length) in model.derived["model.ngram_dim"].reason
+
+
+def test_an_explicit_width_wins_over_the_derived_one():
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, typical_length=400, ngram_dim=0)
+    assert model.ngrams is None and "model.ngram_dim" not in model.derived
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, typical_length=5, ngram_dim=8)
+    assert model.ngrams.output_dim == 8

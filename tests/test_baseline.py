@@ -1,0 +1,59 @@
+"""The TF-IDF + logistic-regression baseline: on its own, and reported by every `python -m nlprnn.fit` run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_examples, write_csv
+from nlprnn.baseline import fit_baseline
+from nlprnn.data.sources import SourceSpec, load_splits
+
+TINY_MODEL = [
+    "--model.embedding_dim", "16",
+    "--model.encoder.hidden_size", "16",
+    "--data.batch_size", "16",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.logger", "false",
+    "--trainer.max_epochs", "2",  # explicit: the default recipe's epochs may change
+]
+
+
+def fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nlprnn.fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_baseline_learns_the_tiny_set(tmp_path):
+    splits = load_splits(SourceSpec(train_file=str(write_csv(tmp_path / "tiny.csv", make_examples(400)))))
+    scores = fit_baseline(splits)
+    assert set(scores) == {"baseline_val_acc", "baseline_test_acc", "baseline_test_f1_macro"}
+    assert all(isinstance(v, float) for v in scores.values())
+    # the label follows from two sentiment words per text: a bag of words gets it; chance is 0.5
+    assert scores["baseline_test_acc"] >= 0.95 and scores["baseline_test_f1_macro"] >= 0.95
+    assert scores["baseline_val_acc"] >= 0.95
+
+
+def test_fit_reports_the_baseline_beside_the_model_unless_turned_off(tmp_path, tiny_csv):
+    runs = tmp_path / "runs"
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(runs), "--run_name", "with",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((runs / "with" / "metrics.json").read_text())
+    assert 0.9 <= metrics["baseline_test_acc"] <= 1.0 and 0.9 <= metrics["baseline_test_f1_macro"] <= 1.0
+    assert f"test accuracy {metrics['test_acc']:.4f}" in proc.stdout
+    assert (f"(TF-IDF + logistic regression: {metrics['baseline_test_acc']:.4f}, "
+            f"{metrics['baseline_test_f1_macro']:.4f}); run folder {runs / 'with'}") in proc.stdout
+
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(runs), "--run_name", "without",
+               "--baseline", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((runs / "without" / "metrics.json").read_text())
+    assert "test_acc" in metrics and not [key for key in metrics if key.startswith("baseline_")]
+    assert "TF-IDF" not in proc.stdout

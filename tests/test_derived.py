@@ -1,0 +1,79 @@
+"""Settings derived from the training split: what is chosen for short and long texts, logged, and overridden."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FILLER, NEGATIVE, POSITIVE, write_csv
+from nlprnn.derived import MAX_EPOCHS, MAX_LENGTH, MIN_EPOCHS, MIN_LENGTH, epoch_budget, max_length_from
+from test_fit import TINY_MODEL, fit
+
+
+def test_max_length_keeps_95_percent_of_texts_whole():
+    lengths = np.arange(1, 101)  # 1..100 tokens
+    derived = max_length_from(lengths)
+    assert derived.value == 96 and "96% of training texts are at most 96 tokens" in derived.reason
+    assert max_length_from(np.full(50, 3)).value == MIN_LENGTH
+    assert max_length_from(np.full(50, 5000)).value == MAX_LENGTH
+
+
+def test_small_data_gets_more_epochs_and_large_data_fewer():
+    assert epoch_budget(1_700, 64).value > epoch_budget(8_000, 64).value > epoch_budget(30_000, 64).value
+    assert epoch_budget(100, 64).value == MAX_EPOCHS and epoch_budget(10_000_000, 64).value == MIN_EPOCHS
+    assert "1500 optimizer steps at 27 per epoch" in epoch_budget(1_700, 64).reason
+
+
+def make_texts(n: int, words: int, seed: int = 0) -> list[dict[str, str]]:
+    """Labelled texts of about `words` words: filler plus sentiment words that decide the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        cue = POSITIVE if label == "positive" else NEGATIVE
+        text = [rng.choice(FILLER) for _ in range(words)] + rng.sample(cue, 2)
+        rng.shuffle(text)
+        rows.append({"text": " ".join(text), "label": label})
+    return rows
+
+
+def run(tmp_path: Path, data: Path, *args: str):
+    proc = fit("--data.train_file", str(data), *TINY_MODEL, "--trainer.logger", "false", "--baseline", "false",
+               "--trainer.limit_train_batches", "2", "--model.pretrained_vectors", "null",
+               "--data.tokenizer.vector_words", "null",
+               "--output_dir", str(tmp_path / "runs"), "--run_name", data.stem, *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / data.stem
+    state = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)  # where training ended
+    return proc.stdout + proc.stderr, state, run_dir
+
+
+@pytest.mark.parametrize("words,length,bag", [(6, 16, 0), (120, 128, 64)])
+def test_short_and_long_texts_get_different_settings_and_say_why(tmp_path, words, length, bag):
+    data = write_csv(tmp_path / f"texts{words}.csv", make_texts(200, words))
+    log, state, _ = run(tmp_path, data)
+    assert f"data.max_length = {length} (derived from the training split: " in log
+    assert f"model.ngram_dim = {bag} (derived from the training split: the median training text has" in log
+    epochs = epoch_budget(160, 16).value  # 80% of 200 train, batch size 16 (TINY_MODEL)
+    assert f"trainer.max_epochs = {epochs} (derived from the training split: about 1500 optimizer steps" in log
+    hparams = state["hyper_parameters"]
+    assert hparams["ngram_dim"] is None and (hparams["typical_length"] >= 64) == bool(bag)
+    assert ("ngrams.table.weight" in state["state_dict"]) == bool(bag)
+    # early stopping on validation accuracy ends the run before the derived budget is used up
+    assert "EarlyStopping" in "".join(state["callbacks"]) and state["epoch"] < epochs - 1
+
+
+def test_explicit_settings_win_over_derived_ones(tmp_path):
+    data = write_csv(tmp_path / "long.csv", make_texts(200, 120))
+    log, state, run_dir = run(tmp_path, data, "--data.max_length", "40", "--model.ngram_dim", "8",
+                              "--trainer.max_epochs", "3")
+    assert "derived from the training split" not in log
+    assert state["hyper_parameters"]["ngram_dim"] == 8 and state["state_dict"]["ngrams.table.weight"].shape[1] == 8
+    assert not any("EarlyStopping" in key for key in state["callbacks"])
+    assert json.loads((run_dir / "tokenizer.json").read_text())["truncation"]["max_length"] == 40
+    assert state["epoch"] == 2  # the third epoch, counted from 0: the three asked for, no more and no fewer

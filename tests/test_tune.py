@@ -1,0 +1,201 @@
+"""python -m nlprnn.tune: pruning, outputs, resuming, several processes on one study, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from nlprnn import tune
+
+TINY = [
+    "--model.embedding_dim", "16",
+    "--model.encoder.hidden_size", "16",
+    "--model.embedding_dropout", "0",
+    "--model.warmup_steps", "0",  # the default recipe warms up over 100 steps: more than a tiny trial has
+    "--data.batch_size", "16",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.logger", "false",
+]
+GOOD_LR, BAD_LR = 0.02, 0.000001  # on the tiny data: near 1.0 validation accuracy within 3 epochs, and chance
+SPACE = f"""
+model.lr: {{type: categorical, choices: [{GOOD_LR}, {BAD_LR}]}}
+model.dropout: {{type: float, low: 0.0, high: 0.3}}
+"""
+
+
+def tune_cli(*args: str, cwd: Path, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "nlprnn.tune", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_trials(output: Path) -> list[dict[str, str]]:
+    with (output / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def space(tmp_path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+def test_search_prunes_a_bad_trial_and_writes_a_best_config_that_fit_runs(tmp_path, tiny_csv, space):
+    out = tmp_path / "out"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # The first trials of a study are whatever was enqueued: good, bad, good, whatever the sampler would do.
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    for lr, dropout in ((GOOD_LR, 0.0), (BAD_LR, 0.0), (GOOD_LR, 0.2)):
+        study.enqueue_trial({"model.lr": lr, "model.dropout": dropout})
+
+    proc = tune_cli("--space", str(space), "--data.train_file", str(tiny_csv), *TINY, "--trainer.max_epochs", "5",
+                    "--n_trials", "3", "--study_name", "tiny", "--storage", storage, "--output_dir", str(out),
+                    "--pruner_startup_trials", "1", "--pruner_warmup_epochs", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert trials[1].last_step == 2  # stopped at the first epoch it could be, not trained to the end
+    assert min(trials[0].value, trials[2].value) >= 0.9
+    assert "trial 1: pruned at epoch 2" in proc.stdout
+    rows = read_trials(out)
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "PRUNED"), ("2", "COMPLETE")]
+    assert rows[1]["model.lr"] == str(BAD_LR) and rows[1]["epochs"] == "2"
+    assert (out / "optimization_history.png").stat().st_size > 0 and (out / "param_importances.png").stat().st_size > 0
+    best = trials[0] if trials[0].value >= trials[2].value else trials[2]
+    assert f"best val_acc {best.value:.4f} (trial {best.number}" in proc.stdout
+    assert f"python -m nlprnn.fit --config {out / 'best.yaml'}" in proc.stdout
+    # Validation only: no trial tested its model (fit writes metrics.json after the test).
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0", "trial-1", "trial-2"]
+    assert not list((out / "trials").glob("*/metrics.json"))
+
+    config = (out / "best.yaml").read_text()
+    assert f"lr: {GOOD_LR}" in config and f"dropout: {best.params['model.dropout']}" in config
+    assert "run_name: null" in config and "output_dir: checkpoints" in config and "trial-" not in config
+    fit = subprocess.run([sys.executable, "-m", "nlprnn.fit", "--config", str(out / "best.yaml"), "--print_config"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert f"lr: {GOOD_LR}" in fit.stdout and str(tiny_csv) in fit.stdout and "hidden_size: 16" in fit.stdout
+
+
+def test_the_same_command_resumes_the_study(tmp_path, tiny_csv, space):
+    out = tmp_path / "out"
+    args = ["--space", str(space), "--data.train_file", str(tiny_csv), *TINY, "--trainer.max_epochs", "1",
+            "--pruner", "none", "--output_dir", str(out)]
+    first = tune_cli(*args, "--n_trials", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = tune_cli(*args, "--n_trials", "3", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "(2 finished trials)" in second.stdout and "trial 2:" in second.stdout and "trial 0:" not in second.stdout
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")
+    assert summary.study_name == "tiny-space" and summary.n_trials == 3
+    assert [r["number"] for r in read_trials(out)] == ["0", "1", "2"]
+
+
+def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
+    out = tmp_path / "out"
+    args = ["--space", str(space), "--data.train_file", str(tiny_csv), *TINY, "--trainer.max_epochs", "15",
+            "--pruner", "none", "--n_trials", "4", "--output_dir", str(out)]
+    workers = [tune_cli(*args, "--seed", str(seed), cwd=tmp_path, wait=False) for seed in (1, 2)]
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    rows = read_trials(out)
+    # Each process checks the count after its own trial, so the two may overshoot by one between them.
+    assert 4 <= len(rows) <= 5 and all(r["state"] == "COMPLETE" for r in rows)
+    assert sorted(int(r["number"]) for r in rows) == list(range(len(rows)))
+    pids = {int(r["worker"].rsplit(":", 1)[1]) for r in rows}
+    assert pids == {w.pid for w in workers}, rows
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{r['number']}" for r in rows]
+
+
+@pytest.mark.parametrize(
+    "space_text, extra, message",
+    [
+        ("model.no_such_thing: {type: float, low: 0.1, high: 0.2}", [],
+         "model.no_such_thing is not a parameter of nlprnn.fit"),
+        ("model.lr: {type: float, low: 0.01, high: 0.001}", [], "model.lr: empty range: low 0.01 is above high 0.001"),
+        ("model.lr: {type: float, low: 0, high: 0.01, log: true}", [], "model.lr: log needs low > 0"),
+        ("model.lr: {type: uniform, low: 0.001, high: 0.01}", [], "model.lr: expected {type: int | float | categorical"),
+        ("model.pooling: {type: categorical, choices: [last, sideways]}", [], "model.pooling cannot be 'sideways'"),
+        ("data.batch_size: {type: int, low: 8.5, high: 64}", [], "data.batch_size: low must be an integer"),
+        (SPACE, ["--run_name", "mine"], "the fit configuration sets run_name (mine)"),
+        (SPACE, ["--trainer.max_epochz", "3"], "the fit configuration does not parse"),
+        (SPACE, ["--data.train_file", "missing.csv"], "file not found: missing.csv"),
+        (SPACE, ["--storage", "postgresql://127.0.0.1:1/x"], "cannot open the study storage postgresql://127.0.0.1:1/x"),
+        (SPACE, ["--storage", "sqlite:///{tmp}/a-file/sub/study.db"], "cannot open the study storage sqlite:///"),
+        (SPACE, ["--storage", "no url"], "--storage 'no url' is not a database URL"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_csv, capfd, monkeypatch, space_text, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text(space_text)
+    (tmp_path / "a-file").write_text("not a folder")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    if "--data.train_file" not in extra:
+        extra = ["--data.train_file", str(tiny_csv), *extra]
+    with pytest.raises(SystemExit) as stop:
+        tune.main(["--space", "space.yaml", *TINY, *extra, "--output_dir", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("nlprnn.tune: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml", "tiny.csv"]
+
+
+def test_an_error_in_the_space_ends_the_command_with_one_line(tmp_path):
+    (tmp_path / "space.yaml").write_text("model.no_such_thing: {type: float, low: 0.1, high: 0.2}\n")
+    proc = tune_cli("--space", "space.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "nlprnn.tune: error: search space space.yaml: model.no_such_thing is not a parameter of nlprnn.fit "
+        "(`python -m nlprnn.fit --help` lists them)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumably(tmp_path, tiny_csv, space,
+                                                                                  monkeypatch, capsys):
+    """Trials are nlprnn.fit.run calls; stand-ins show what the search does when one diverges or is interrupted."""
+    from nlprnn import fit
+    from nlprnn.callbacks import NonFiniteLoss
+
+    def run(args, callbacks=(), test=True):
+        assert test is False and "--baseline" in args  # selection on validation only, without the baseline
+        lr = float(args[args.index("--model.lr", len(TINY)) + 1])
+        if lr == BAD_LR:
+            raise NonFiniteLoss("the training loss became NaN or infinite at step 3; stopped without saving")
+        return {"best_val_acc": 0.75}
+
+    monkeypatch.setattr(fit, "run", run)
+    out = tmp_path / "out"
+    out.mkdir()
+    study = optuna.create_study(study_name="tiny-space", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"model.lr": BAD_LR})  # the first trial diverges, whatever the sampler would pick
+    args = ["--space", str(space), "--data.train_file", str(tiny_csv), *TINY, "--output_dir", str(out)]
+    tune.main([*args, "--n_trials", "4"])
+    rows = read_trials(out)
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE", "FAIL"}, rows
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert all(r["error"] == "the training loss became NaN or infinite at step 3" for r in failed)
+    assert f"trial {failed[0]['number']}: failed (the training loss became NaN" in capsys.readouterr().out
+
+    def interrupted(args, callbacks=(), test=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit, "run", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        tune.main([*args, "--n_trials", "6"])
+    assert stop.value.code == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert [r["state"] for r in read_trials(out)][4:] == ["FAIL"]  # recorded, not left running
