@@ -16,6 +16,7 @@ LENGTH_QUANTILE = 0.95  # max_length keeps this share of training texts whole
 LENGTH_STEP = 8  # max_length is rounded up to a multiple of this
 MIN_LENGTH, MAX_LENGTH = 16, 256  # the cap bounds the cost of a recurrence over long documents
 LENGTH_SAMPLE = 20_000  # training texts tokenized to measure the distribution; enough for a 95th percentile
+MAX_LENGTH_RULE = f"p{LENGTH_QUANTILE:g} step {LENGTH_STEP} in {MIN_LENGTH}..{MAX_LENGTH}"  # in cache keys
 
 LONG_TEXT_TOKENS = 64  # a median length from which texts count as documents rather than snippets
 NGRAM_DIM = 64  # width of the n-gram bag the model reads beside its recurrence on documents

@@ -20,7 +20,7 @@ from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import (
     PAD, TokenizerConfig, load_tokenizer, resolve_auto, text_batches, train_tokenizer,
 )
-from nlprnn.derived import LENGTH_SAMPLE, Derived, max_length_from, typical_length
+from nlprnn.derived import LENGTH_SAMPLE, MAX_LENGTH_RULE, Derived, max_length_from, typical_length
 
 log = logging.getLogger(__name__)
 PREPARED_FORMAT = 4  # bump when the prepared layout or tokenization changes
@@ -135,7 +135,7 @@ class TextDataModule(L.LightningDataModule):
             "files": {split: _file_identity(path) for split, path in self.source.files.items()},
             "tokenizer": asdict(resolve_auto(self.tokenizer_config)),
             "tokenizer_file": _file_identity(self.tokenizer_config.file) if self.tokenizer_config.file else None,
-            "max_length": self.max_length,
+            "max_length": self.max_length or MAX_LENGTH_RULE,  # a changed rule derives anew
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         name = Path(self.source.train_file).stem if self.source.train_file else self.source.dataset.replace("/", "--")
