@@ -83,7 +83,7 @@ class FitCLI(LightningCLI):
             kwargs["max_epochs"] = derived["trainer.max_epochs"].value
             callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=PATIENCE_EPOCHS))
         for name, choice in derived.items():
-            rank_zero_info(f"{name} = {choice.value} (derived from the training split: {choice.reason})")
+            rank_zero_info(f"{name} = {choice.value} (derived: {choice.reason})")
         callbacks.append(ModelCheckpoint(
             dirpath=self.run_dir, filename="best", monitor="val_acc", mode="max", auto_insert_metric_name=False,
         ))

@@ -59,4 +59,3 @@ def test_an_explicit_width_wins_over_the_derived_one():
     assert model.ngrams is None and "model.ngram_dim" not in model.derived
     model = TextClassifier(VOCAB, 3, embedding_dim=4, typical_length=5, ngram_dim=8)
     assert model.ngrams.output_dim == 8
-
