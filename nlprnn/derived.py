@@ -14,7 +14,7 @@ import numpy as np
 
 LENGTH_QUANTILE = 0.95  # max_length keeps this share of training texts whole
 LENGTH_STEP = 8  # max_length is rounded up to a multiple of this
-MIN_LENGTH, MAX_LENGTH = 16, 256  # the cap bounds the cost of a recurrence over long documents
+MIN_LENGTH, MAX_LENGTH = 16, 1024  # the n-gram bag reads this far; model.recurrent_length bounds the recurrence
 LENGTH_SAMPLE = 20_000  # training texts tokenized to measure the distribution; enough for a 95th percentile
 MAX_LENGTH_RULE = f"p{LENGTH_QUANTILE:g} step {LENGTH_STEP} in {MIN_LENGTH}..{MAX_LENGTH}"  # in cache keys
 

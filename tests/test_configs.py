@@ -133,11 +133,11 @@ def test_recipe_builds_its_model_data_and_trainer(config, build):
         assert (attribute.p if isinstance(attribute, nn.Dropout) else attribute) == value, f"model.encoder.{key}"
     trainer_spec = spec.get("trainer") or {}
     for key in ("max_epochs", "gradient_clip_val", "accumulate_grad_batches"):
-        if key in trainer_spec:
+        if trainer_spec.get(key) is not None:  # null: left open, derived from the data
             assert getattr(trainer, key) == trainer_spec[key], f"trainer.{key}"
     data_spec = spec.get("data") or {}
     for key in ("batch_size", "max_length"):
-        if key in data_spec:
+        if data_spec.get(key) is not None:
             assert getattr(data, key) == data_spec[key], f"data.{key}"
     if "vocab_size" in (data_spec.get("tokenizer") or {}):
         assert data.tokenizer_config.vocab_size == data_spec["tokenizer"]["vocab_size"]

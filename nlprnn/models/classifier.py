@@ -43,6 +43,7 @@ class TextClassifier(L.LightningModule):
         freeze_embedding: bool = False,
         ngram_dim: int | None = None,
         ngram_buckets: int = 100_003,
+        recurrent_length: int | None = None,
         typical_length: int = 0,
     ) -> None:
         """A recurrent text classifier.
@@ -71,6 +72,8 @@ class TextClassifier(L.LightningModule):
                 beside the recurrent encoder and joined to its pooled state before the output layer; 0: none;
                 None: derived from typical_length (on for documents, off for short texts; see nlprnn.derived).
             ngram_buckets: hash buckets of the word pairs in that bag.
+            recurrent_length: the recurrence reads at most this many first tokens of a text, which bounds its
+                cost on long documents; the n-gram bag reads all of them (up to data.max_length). None: all.
             typical_length: the median token count of the training texts (linked from the data).
         """
         super().__init__()
@@ -114,8 +117,12 @@ class TextClassifier(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, real tokens first, and (B,) lengths -> (B, num_classes) logits."""
-        x = self.embedding_dropout(self.embedding(input_ids))  # (B, T, E)
-        features = self.pooling(self.encoder(x, lengths), lengths)  # (B, D)
+        read, read_lengths = input_ids, lengths
+        if self.hparams.recurrent_length:  # the opening of each text: (B, T') with T' <= recurrent_length
+            cut = self.hparams.recurrent_length
+            read, read_lengths = input_ids[:, :cut], lengths.clamp(max=cut)
+        x = self.embedding_dropout(self.embedding(read))  # (B, T', E)
+        features = self.pooling(self.encoder(x, read_lengths), read_lengths)  # (B, D)
         if self.ngrams is not None:
             features = torch.cat([features, self.ngrams(input_ids, lengths)], dim=-1)  # (B, D + ngram_dim)
         return self.head(features)

@@ -23,13 +23,17 @@ class NgramBag(nn.Module):
         self.buckets = buckets
         self.table = nn.Embedding(vocab_size + buckets, dim)
         nn.init.normal_(self.table.weight, std=0.1)
+        self.norm = nn.LayerNorm(dim)
         self.output_dim = dim
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids, real tokens first, and (B,) lengths -> (B, dim) sum over real uni- and bigrams / sqrt(count).
+        """(B, T) token ids, real tokens first, and (B,) lengths -> (B, dim): the layer-normed sum over real
+        uni- and bigrams / sqrt(count).
 
-        Divided by the square root of the count, not the count: a mean of hundreds of n-grams shrinks
-        toward zero and learns slowly on long texts, where this keeps the scale of one embedding.
+        A plain mean of hundreds of n-grams shrinks toward zero and learns slowly; a sum over sqrt(count) keeps
+        the scale of one embedding at the start but grows with a document's length as the embeddings learn
+        to agree, which destabilised training on whole documents. The layer norm makes the bag's scale
+        independent of a text's length.
         """
         positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # (1, T)
         real = positions < lengths.unsqueeze(1)  # (B, T)
@@ -37,4 +41,4 @@ class NgramBag(nn.Module):
         grams = torch.cat([input_ids, pairs], dim=1)  # (B, 2T-1)
         mask = torch.cat([real, real[:, 1:]], dim=1).unsqueeze(-1)  # a pair is real when its second token is
         total = (self.table(grams) * mask).sum(1)  # (B, dim); padding contributes exact zeros
-        return total / mask.sum(1).to(total.dtype).sqrt()  # lengths >= 1, so never a division by zero
+        return self.norm(total / mask.sum(1).to(total.dtype).sqrt())  # lengths >= 1, so never a division by zero

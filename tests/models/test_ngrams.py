@@ -14,9 +14,9 @@ VOCAB, BUCKETS, DIM = 30, 11, 5
 
 
 def reference(bag: NgramBag, ids: list[int]) -> torch.Tensor:
-    """Sum of the embeddings of each token and each hashed adjacent pair, over sqrt of their count."""
+    """Sum of the embeddings of each token and each hashed adjacent pair, over sqrt of their count, layer-normed."""
     rows = list(ids) + [(a * BIGRAM_PRIME + b) % BUCKETS + VOCAB for a, b in zip(ids, ids[1:])]
-    return bag.table.weight[rows].sum(0) / math.sqrt(len(rows))
+    return bag.norm(bag.table.weight[rows].sum(0) / math.sqrt(len(rows)))
 
 
 def test_matches_the_hand_computed_bag_and_ignores_padding():
@@ -59,3 +59,19 @@ def test_an_explicit_width_wins_over_the_derived_one():
     assert model.ngrams is None and "model.ngram_dim" not in model.derived
     model = TextClassifier(VOCAB, 3, embedding_dim=4, typical_length=5, ngram_dim=8)
     assert model.ngrams.output_dim == 8
+
+
+def test_the_recurrence_reads_only_its_opening_and_the_bag_all_of_the_text():
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 2, 5])
+    ids = torch.randint(1, VOCAB, (3, 9))
+    ids[torch.arange(9) >= lengths[:, None]] = 0
+    late = ids.clone()
+    late[0, 6] = (late[0, 6] % (VOCAB - 1)) + 1  # another token after the recurrence's cut of 4
+    for ngram_dim, changes in ((0, False), (3, True)):
+        model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=ngram_dim, recurrent_length=4).eval()
+        with torch.no_grad():
+            logits = model(ids, lengths)
+            assert (model(late, lengths)[0] != logits[0]).any() == changes
+            for b, n in enumerate(lengths.tolist()):  # padding still changes nothing
+                torch.testing.assert_close(model(ids[b : b + 1, :n], lengths[b : b + 1])[0], logits[b], rtol=0, atol=1e-5)
