@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from conftest import make_examples, write_csv
 from nlprnn.baseline import fit_baseline
 from nlprnn.data.sources import SourceSpec, load_splits
+from test_fit import TINY_MODEL, fit
 
-TINY_MODEL = [
-    "--model.embedding_dim", "16",
-    "--model.encoder.hidden_size", "16",
-    "--data.batch_size", "16",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.logger", "false",
-    "--trainer.max_epochs", "2",  # explicit: the default recipe's epochs may change
-]
-
-
-def fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "nlprnn.fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+TINY_RUN = [*TINY_MODEL, "--trainer.logger", "false",
+            "--trainer.max_epochs", "2"]  # explicit: the default recipe's budget is derived from the data
 
 
 def test_baseline_learns_the_tiny_set(tmp_path):
@@ -42,7 +25,7 @@ def test_baseline_learns_the_tiny_set(tmp_path):
 
 def test_fit_reports_the_baseline_beside_the_model_unless_turned_off(tmp_path, tiny_csv):
     runs = tmp_path / "runs"
-    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(runs), "--run_name", "with",
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_RUN, "--output_dir", str(runs), "--run_name", "with",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((runs / "with" / "metrics.json").read_text())
@@ -51,7 +34,7 @@ def test_fit_reports_the_baseline_beside_the_model_unless_turned_off(tmp_path, t
     assert (f"(TF-IDF + logistic regression: {metrics['baseline_test_acc']:.4f}, "
             f"{metrics['baseline_test_f1_macro']:.4f}); run folder {runs / 'with'}") in proc.stdout
 
-    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(runs), "--run_name", "without",
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_RUN, "--output_dir", str(runs), "--run_name", "without",
                "--baseline", "false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((runs / "without" / "metrics.json").read_text())
