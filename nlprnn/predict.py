@@ -36,7 +36,7 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text_column", default="text", help="the text column of a .csv/.tsv/.jsonl input")
     parser.add_argument("--batch_size", type=int, default=64, help="texts per model call")
     parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime threads (default: the CPUs this process may use)")
+                        help="onnxruntime threads (default: the cores this process may use)")
     return parser.parse_args(args)
 
 

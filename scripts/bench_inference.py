@@ -26,7 +26,8 @@ import onnxruntime
 import torch
 
 from nlprnn.deploy.inputs import read_texts
-from nlprnn.deploy.predictor import Predictor, default_threads
+from nlprnn.deploy.predictor import Predictor
+from nlprnn.threads import available_cores
 from nlprnn.errors import exit_on_reported_error
 from nlprnn.export import BEST, export_checkpoint, load_checkpoint
 
@@ -64,7 +65,7 @@ def timed(call: Callable[[], object]) -> float:
 
 def main() -> None:
     options = parse_args()
-    threads = options.threads or default_threads()
+    threads = options.threads or available_cores()
     torch.set_num_threads(threads)
     checkpoint = Path(options.checkpoint)
     checkpoint = checkpoint / BEST if checkpoint.is_dir() else checkpoint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +13,7 @@ from tokenizers import Tokenizer
 from nlprnn.deploy.bundle import INPUT_NAMES, OUTPUT_NAMES, Bundle, read_bundle
 from nlprnn.deploy.inputs import clean_text
 from nlprnn.errors import UserError
+from nlprnn.threads import available_cores
 
 Prediction = tuple[str, dict[str, float]]  # (label, {label: probability})
 
@@ -21,13 +21,6 @@ Prediction = tuple[str, dict[str, float]]  # (label, {label: probability})
 class Scores(NamedTuple):
     logits: np.ndarray  # (N, classes) float32
     probabilities: np.ndarray  # (N, classes) float32
-
-
-def default_threads() -> int:
-    """CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
 
 
 def make_session(model_file: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -39,7 +32,7 @@ def make_session(model_file: Path, threads: int | None = None) -> ort.InferenceS
     if threads is not None and threads < 1:
         raise UserError(f"threads must be at least 1, not {threads}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -64,7 +57,8 @@ class Predictor:
         Args:
             bundle: a folder written by `python -m nlprnn.export`.
             batch_size: texts per model call; texts of similar length are batched together.
-            threads: onnxruntime threads within an operator; default: the CPUs this process may use.
+            threads: onnxruntime threads within an operator; default: the cores this process may use
+                (its CPU affinity, one per physical core, capped by a cgroup CPU quota).
         """
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, not {batch_size}")

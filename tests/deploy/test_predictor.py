@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from nlprnn.deploy import Predictor
-from nlprnn.deploy.predictor import default_threads
 from nlprnn.errors import UserError
+from nlprnn.threads import available_cores
 
 from deploy.tiny_bundles import LABELS, MAX_LENGTH, WORDS, build_bundle
 
@@ -97,7 +97,7 @@ def test_threads_are_set_deliberately(tiny_bundle, predictor):
     options = predictor.session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     default = Predictor(tiny_bundle).session.get_session_options()
-    assert (default.intra_op_num_threads, default.inter_op_num_threads) == (default_threads(), 1)
+    assert (default.intra_op_num_threads, default.inter_op_num_threads) == (available_cores(), 1)
 
 
 @pytest.mark.parametrize("option, value", [("threads", 0), ("batch_size", 0)])

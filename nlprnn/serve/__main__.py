@@ -1,0 +1,89 @@
+"""python -m nlprnn.serve BUNDLE: an HTTP service classifying texts with an exported bundle.
+
+    POST /v1/classify  {"texts": ["...", ...]}  ->  {"results": [{"label": ..., "probabilities": {...}}, ...]}
+    GET  /healthz, /readyz, /metrics (Prometheus), /docs and /openapi.json
+
+Concurrent requests are batched dynamically (see `nlprnn.serve.batcher`). On SIGTERM or Ctrl-C the
+server stops accepting connections, answers every request it has read, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from nlprnn.errors import UserError, exit_on_reported_error
+
+PROG = "nlprnn.serve"
+
+
+def parse_args(args: list[str] | None) -> argparse.Namespace:
+    from nlprnn.serve.app import ServeSettings
+
+    defaults = ServeSettings()
+    parser = argparse.ArgumentParser(prog="python -m nlprnn.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", help="bundle folder written by `python -m nlprnn.export`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size,
+                        help="most texts per model call; 1 turns batching off")
+    parser.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms,
+                        help="longest time a text waits for its batch to fill")
+    parser.add_argument("--max_queue", type=int, default=defaults.max_queue,
+                        help="most texts waiting at once; requests beyond get 503 with Retry-After")
+    parser.add_argument("--max_texts", type=int, default=defaults.max_texts, help="most texts per request (413 beyond)")
+    parser.add_argument("--max_chars", type=int, default=defaults.max_chars, help="most characters per text (413 beyond)")
+    parser.add_argument("--max_body_bytes", type=int, default=defaults.max_body_bytes,
+                        help="largest request body in bytes (413 beyond)")
+    parser.add_argument("--timeout_s", type=float, default=defaults.timeout_s,
+                        help="a request not answered in this time gets 504 and its texts leave the queue")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime threads (default: the cores this process may use)")
+    parser.add_argument("--access_log", action="store_true", help="log every request (costs throughput)")
+    return parser.parse_args(args)
+
+
+def main(args: list[str] | None = None) -> None:
+    options = parse_args(args)
+    with exit_on_reported_error(PROG):
+        try:
+            import uvicorn
+
+            from nlprnn.serve.app import CLASSIFY, ServeSettings, create_app
+        except ImportError as err:
+            raise UserError(f'serving needs the serve extra ({err.name} is missing): pip install "nlprnn[serve]"') from None
+        from nlprnn.deploy.predictor import Predictor
+
+        settings = ServeSettings(**{name: getattr(options, name) for name in ServeSettings.__dataclass_fields__})
+        if not 0 <= options.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, not {options.port}")
+        predictor = Predictor(options.bundle, batch_size=settings.max_batch_size, threads=options.threads)
+
+        async def announce() -> None:
+            while not server.started:  # the warm-up can finish before the socket is bound
+                await asyncio.sleep(0.01)
+            host, port = server.servers[0].sockets[0].getsockname()[:2]
+            print(f"{PROG}: ready on http://{host}:{port} (bundle {options.bundle}, labels {', '.join(predictor.labels)}; "
+                  f"max_batch_size {settings.max_batch_size}, max_wait_ms {settings.max_wait_ms:g})",
+                  file=sys.stderr, flush=True)
+
+        app = create_app(predictor, settings, on_ready=announce)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=options.host, port=options.port, log_level="warning", access_log=options.access_log,
+            timeout_keep_alive=30,
+        ))
+        # uvicorn shuts down gracefully on these signals, then raises them again with the handlers it
+        # found: handlers that do nothing let the process end with status 0 once everything is answered.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        server.run()  # a port that is taken ends it here: uvicorn logs why and exits 1
+        answered = app.state.metrics.registry.get_sample_value(
+            "nlprnn_requests_total", {"endpoint": CLASSIFY, "status": "200"}) or 0
+        texts = app.state.metrics.registry.get_sample_value("nlprnn_texts_classified_total") or 0
+        print(f"{PROG}: stopped; answered {int(answered)} classify requests ({int(texts)} texts)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

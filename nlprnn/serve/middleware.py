@@ -1,0 +1,76 @@
+"""ASGI middleware around the app: a body-size limit and request metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from nlprnn.serve.metrics import ServerMetrics
+from nlprnn.serve.schema import error_response
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+class BodyLimit:
+    """Answers 413 to a body over `max_bytes`, before the app reads any of it into a JSON parser."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self.too_big(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return body
+
+        await self.app(scope, replay, send)
+
+    async def too_big(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await error_response(413, f"the body is over {self.max_bytes} bytes")(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts answers by endpoint and status, and times the requests of one endpoint."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, endpoints: tuple[str, ...], timed: str) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints  # counted by path; any other path as "other", to bound the label's values
+        self.timed = timed
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+
+        async def send_and_count(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+                if endpoint == self.timed:
+                    self.metrics.latency.observe(time.monotonic() - started)
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)

@@ -1,0 +1,110 @@
+"""What the API reads and writes: request and response models, errors, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.responses import Response
+
+RETRY_AFTER_S = "1"
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class Result(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    results: list[Result]
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class ApiError(Exception):
+    """An answer other than 200, with its one-line message."""
+
+    def __init__(self, status: int, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry = retry
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(content, ensure_ascii=False), status, headers, media_type="application/json")
+
+
+def error_response(status: int, message: str, retry: bool = False) -> Response:
+    return json_response({"error": message}, status, {"Retry-After": RETRY_AFTER_S} if retry else None)
+
+
+def parse_texts(body: bytes) -> list[str]:
+    """The texts of a classify body; 400 when it is not JSON, 422 when it is not {"texts": [str, ...]}.
+
+    The body is read as JSON whatever its Content-Type says: `curl -d` sends form-encoded.
+    """
+    try:
+        return ClassifyRequest.model_validate_json(body).texts
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})") from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(422, f'{where}: {first["msg"]}; send {{"texts": ["...", ...]}}') from None
+
+
+ERRORS = {
+    400: "The body is not valid JSON.",
+    413: "The body, the number of texts or a text's length is over its limit.",
+    422: 'The body is not {"texts": [string, ...]}.',
+    503: "The queue is full, or the server is warming up or shutting down; retry after Retry-After seconds.",
+    504: "The request was not answered within the server's timeout; its texts left the queue.",
+}
+
+
+def openapi(title: str, version: str, description: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the API, its schemas taken from the pydantic models above."""
+    _, schemas = models_json_schema(
+        [(ClassifyRequest, "validation"), (ClassifyResponse, "serialization"), (ErrorBody, "serialization")],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def body(name: str) -> dict[str, Any]:
+        return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    def status(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version, "description": description},
+        "paths": {
+            "/v1/classify": {"post": {
+                "summary": "Classify texts; results come in the order of `texts`.",
+                "requestBody": {"required": True, **body("ClassifyRequest")},
+                "responses": {
+                    "200": {"description": "One result per text.", **body("ClassifyResponse")},
+                    **{str(code): {"description": text, **body("ErrorBody")} for code, text in ERRORS.items()},
+                },
+            }},
+            "/healthz": {"get": {"summary": "The process is up.", "responses": {"200": status("Alive.")}}},
+            "/readyz": {"get": {
+                "summary": "The bundle is loaded and a warm-up batch has run.",
+                "responses": {"200": status("Ready for traffic."), "503": {"description": ERRORS[503], **body("ErrorBody")}},
+            }},
+            "/metrics": {"get": {
+                "summary": "Metrics in the Prometheus text format.",
+                "responses": {"200": {"description": "Prometheus text.", "content": {"text/plain": {}}}},
+            }},
+        },
+        "components": {"schemas": schemas["$defs"]},
+    }

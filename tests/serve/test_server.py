@@ -1,0 +1,289 @@
+"""python -m nlprnn.serve as a real process on loopback: contracts, batching, limits, shutdown."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nlprnn.deploy import Predictor
+
+from deploy.tiny_bundles import LABELS, build_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+TRAINING_MODULES = ("torch", "lightning", "torchmetrics", "jsonargparse", "datasets", "wandb", "onnx", "pandas")
+
+
+class Server:
+    """A server subprocess on a free loopback port; its stderr is collected line by line."""
+
+    def __init__(self, bundle: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "nlprnn.serve", str(bundle), "--port", "0", "--threads", "1", *flags]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.port = self._wait_until_ready()
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+
+    def _wait_until_ready(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if "ready on http://" in line:
+                return int(line.split("ready on http://")[1].split()[0].rsplit(":", 1)[1])
+        self.process.kill()
+        raise AssertionError(f"the server did not become ready: {''.join(self.stderr)}")
+
+    def request(self, method: str, path: str, body: bytes | str | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def classify(self, texts: object) -> tuple[int, dict[str, str], dict]:
+        status, headers, body = self.request("POST", "/v1/classify", json.dumps({"texts": texts}))
+        return status, headers, json.loads(body)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, parsed by the Prometheus client's own parser."""
+        status, _, body = self.request("GET", "/metrics")
+        assert status == 200
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("serve") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    server = Server(bundle, "--max_texts", "4", "--max_chars", "50", "--max_body_bytes", "2000")
+    yield server
+    assert server.stop() == 0
+
+
+def test_classify_answers_in_request_order_with_the_predictors_results(server, bundle):
+    texts = ["good movie", "the plot was awful", "", "café ünïcode"]
+    status, headers, body = server.classify(texts)
+    assert status == 200 and headers["content-type"] == "application/json"
+    expected = Predictor(bundle, threads=1).predict(texts)
+    assert len(body["results"]) == len(texts)
+    for result, (label, probabilities) in zip(body["results"], expected):
+        assert result["label"] == label and list(result["probabilities"]) == LABELS
+        assert result["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+        assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert server.classify([])[::2] == (200, {"results": []})
+
+
+def test_health_readiness_and_the_openapi_schema(server):
+    status, _, body = server.request("GET", "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = server.request("GET", "/readyz")
+    assert status == 200 and json.loads(body) == {"status": "ready", "labels": LABELS}
+    status, _, body = server.request("GET", "/openapi.json")
+    schema = json.loads(body)
+    classify = schema["paths"]["/v1/classify"]["post"]
+    assert {"200", "400", "413", "422", "503", "504"} == set(classify["responses"])
+    request_schema = classify["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert schema["components"]["schemas"][request_schema]["required"] == ["texts"]
+    assert schema["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]["items"] == {"type": "string"}
+    assert {"/v1/classify", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+
+
+def test_a_body_without_a_json_content_type_is_read_as_json(server):
+    status, _, body = server.request("POST", "/v1/classify", '{"texts": ["good"]}',
+                                     {"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
+    assert status == 200 and len(json.loads(body)["results"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "says"),
+    [
+        ("POST", "/v1/classify", '{"texts": ["good"', 400, "not valid JSON"),
+        ("POST", "/v1/classify", "", 400, "not valid JSON"),
+        ("POST", "/v1/classify", '{"texts": "good movie"}', 422, "texts: Input should be a valid array"),
+        ("POST", "/v1/classify", '{"texts": ["good", 3]}', 422, "texts.1: Input should be a valid string"),
+        ("POST", "/v1/classify", '{"text": ["good"]}', 422, "texts: Field required"),
+        ("POST", "/v1/classify", '["good"]', 422, "Input should be an object"),
+        ("POST", "/v1/classify", json.dumps({"texts": ["a"] * 5}), 413, "5 texts in one request; at most 4"),
+        ("POST", "/v1/classify", json.dumps({"texts": ["ok", "x" * 51]}), 413, "texts[1] has 51 characters"),
+        ("POST", "/v1/classify", json.dumps({"texts": ["word " * 500]}), 413, "the body is over 2000 bytes"),
+        ("GET", "/v1/classify", None, 405, "Method Not Allowed"),
+        ("GET", "/v2/classify", None, 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_one_line_json_error_and_the_server_stays_up(
+    server, method, path, body, status, says
+):
+    got, headers, raw = server.request(method, path, body)
+    assert got == status
+    assert headers["content-type"] == "application/json" and b"\n" not in raw.strip()
+    error = json.loads(raw)
+    assert list(error) == ["error"] and says in error["error"]
+    assert server.classify(["good"])[0] == 200
+
+
+def test_a_body_larger_than_declared_limit_is_refused_before_it_is_read(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/v1/classify")
+    connection.putheader("Content-Length", str(10**9))
+    connection.endheaders()  # no body follows: the declared length alone is enough to refuse
+    response = connection.getresponse()
+    assert response.status == 413 and "over 2000 bytes" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_metrics_count_requests_by_status_and_parse_as_prometheus_text(server):
+    before = server.metrics()
+    server.classify(["good", "bad"])
+    server.classify(["x"] * 5)  # 413
+    after = server.metrics()
+    ok, too_large = "nlprnn_requests_total{endpoint=/v1/classify,status=200}", "nlprnn_requests_total{endpoint=/v1/classify,status=413}"
+    assert after[ok] - before.get(ok, 0) == 1 and after[too_large] - before.get(too_large, 0) == 1
+    assert after["nlprnn_texts_classified_total"] - before.get("nlprnn_texts_classified_total", 0) == 2
+    assert after["nlprnn_request_seconds_count"] - before["nlprnn_request_seconds_count"] == 2
+    for name in ("nlprnn_batch_size_count", "nlprnn_queue_texts", "nlprnn_texts_per_second"):
+        assert name in after
+    assert after["nlprnn_texts_per_second"] > 0
+
+
+def post_concurrently(server: Server, requests: list[list[str]]) -> list[tuple[int, dict[str, str], dict]]:
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(server.classify, requests))
+
+
+def test_concurrent_requests_are_batched_together(bundle):
+    server = Server(bundle, "--max_wait_ms", "300")
+    try:
+        requests = [[f"good movie {i}", "awful plot"] for i in range(8)]
+        answers = post_concurrently(server, requests)
+        assert [status for status, _, _ in answers] == [200] * 8
+        expected = Predictor(bundle, threads=1).predict([text for texts in requests for text in texts])
+        got = [result["label"] for _, _, body in answers for result in body["results"]]
+        assert got == [label for label, _ in expected]  # each request got its own texts' results back
+        metrics = server.metrics()
+        assert metrics["nlprnn_batch_size_sum"] == 16
+        assert metrics["nlprnn_batch_size_sum"] / metrics["nlprnn_batch_size_count"] > 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after(bundle):
+    # The first text waits up to 2 s for a batch to fill, so it holds the one place in the queue.
+    server = Server(bundle, "--max_queue", "1", "--max_texts", "1", "--max_wait_ms", "2000")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(server.classify, ["good"])
+            time.sleep(0.5)
+            status, headers, body = server.classify(["bad"])
+            assert status == 503 and headers["retry-after"] == "1"
+            assert body == {"error": "busy: the queue is full; retry later"}
+            assert first.result()[0] == 200
+        assert server.classify(["bad"])[0] == 200  # room again once the queue drained
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_texts_leave_the_queue(bundle):
+    server = Server(bundle, "--timeout_s", "0.3", "--max_wait_ms", "3000")
+    try:
+        status, _, body = server.classify(["good", "bad"])
+        assert status == 504 and body == {"error": "not answered within 0.3 s"}
+        metrics = server.metrics()
+        assert metrics["nlprnn_queue_texts"] == 0
+        assert metrics.get("nlprnn_texts_classified_total", 0) == 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_answers_every_accepted_request_then_exits_0(bundle):
+    server = Server(bundle, "--max_wait_ms", "1500")  # requests stay in flight for 1.5 s
+    with ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(server.classify, [f"good {i}"]) for i in range(6)]
+        deadline = time.monotonic() + 10
+        while server.metrics()["nlprnn_queue_texts"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        assert [answer.result()[0] for answer in answers] == [200] * 6
+    assert server.process.wait(timeout=30) == 0
+    assert "answered 6 classify requests (6 texts)" in "".join(server.stderr)
+    with pytest.raises(ConnectionRefusedError):
+        server.request("GET", "/healthz")
+
+
+def test_the_server_imports_neither_torch_nor_lightning(bundle):
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['nlprnn.serve', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('nlprnn.serve', run_name='__main__')\n"
+        "finally:\n"
+        f"    print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_MODULES!r}), file=sys.stderr)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(bundle), "--port", "0", "--threads", "1"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stderr:
+        if "ready on" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=30) == 0
+    assert "HEAVY []" in rest
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["/no/such/bundle"], "no bundle at /no/such/bundle"),
+        (["BUNDLE", "--max_batch_size", "0"], "--max_batch_size must be at least 1, not 0"),
+        (["BUNDLE", "--max_texts", "10", "--max_queue", "5"], "--max_texts (10) cannot exceed --max_queue (5)"),
+        (["BUNDLE", "--timeout_s", "0"], "--timeout_s must be positive"),
+        (["BUNDLE", "--port", "70000"], "--port must be in 0..65535"),
+    ],
+)
+def test_bad_options_end_with_one_line(bundle, args, says):
+    args = [str(bundle) if arg == "BUNDLE" else arg for arg in args]
+    proc = subprocess.run([sys.executable, "-m", "nlprnn.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("nlprnn.serve: error: ") and says in lines[0]
