@@ -4,14 +4,13 @@
 - ConfusionMatrixReport: confusion matrix (W&B chart + PNG) and per-class precision and recall.
 - NonFiniteLossGuard: stops a run whose loss turned NaN/inf, naming the step, before a bad checkpoint is written.
 - LastCheckpoint + AtomicCheckpointIO: last.ckpt every N steps, at each epoch end and on SIGTERM, never half-written.
-- ResumableLoader + RestoreLoaderPosition: a resumed epoch continues with the batch after the last one trained on.
+- RestoreLoaderPosition + check_resumable: a resumed epoch continues with the batch after the last one trained on,
+  and a resume whose batches would differ (batch size, world size, seed, data) is refused.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from nlprnn.cache import atomic_write_bytes
-from nlprnn.data.batching import ResumableLoader
+from nlprnn.atomic import replacing, write_bytes
+from nlprnn.data.batching import BucketBatchSampler, Change, ResumableLoader, ResumeMismatch
 from nlprnn.errors import UserError
 
 # --- telemetry ------------------------------------------------------------------------------------
@@ -126,7 +125,7 @@ class ConfusionMatrixReport(Callback):
     def _publish(self, trainer: L.Trainer, counts: np.ndarray, labels: list[str]) -> None:
         png = plot_confusion_matrix(counts, labels)
         if self.run_dir is not None:
-            atomic_write_bytes(self.run_dir / "confusion_matrix.png", png)
+            write_bytes(self.run_dir / "confusion_matrix.png", png)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
@@ -244,7 +243,7 @@ class LastCheckpoint(Callback):
     def save(self, trainer: L.Trainer) -> None:
         if self.guard is not None:
             self.guard.check(trainer)
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state, said so: no log line
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -275,28 +274,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's transaction is the atomic write there
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # makes the rename itself durable
-        finally:
-            os.close(directory)
+        with replacing(Path(path)) as f:
+            torch.save(checkpoint, f)
 
 
-def check_resumable(path: Path) -> None:
-    """Raise UserError unless `path` is a complete checkpoint with training state."""
+def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> None:
+    """Raise UserError unless `path` is a complete checkpoint with training state.
+
+    With `sampler` (the training batches this run would make), also unless the checkpoint's batches
+    are the same ones, so a position in its epoch means the same examples here.
+    """
     if not path.is_file():
         raise UserError(f"cannot resume: there is no checkpoint at {path}")
     try:
@@ -309,28 +296,100 @@ def check_resumable(path: Path) -> None:
         ) from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "optimizer_states", "loops"} <= checkpoint.keys():
         raise UserError(f"cannot resume: {path} holds no training state (model, optimizer and loop positions)")
+    if sampler is not None:
+        saved = RestoreLoaderPosition.saved_state(checkpoint)
+        if saved is None:
+            raise no_saved_position(path.name)
+        if changes := sampler.changes(saved):
+            raise resume_refusal(path.name, changes)
+
+
+def no_saved_position(checkpoint_name: str) -> UserError:
+    return UserError(
+        f"cannot resume: {checkpoint_name} does not record the order of its training batches and its place in "
+        "the epoch (it was written by an earlier nlprnn or without RestoreLoaderPosition); start a new run"
+    )
+
+
+def resume_refusal(checkpoint_name: str, changes: list[Change]) -> UserError:
+    """One line: what changed since the checkpoint, and the options that resume it."""
+    what, how = [], []
+    for change in changes:
+        if change.name == "batch_size":
+            what.append(f"the batch size changed from {change.saved} to {change.current}")
+            how.append(f"--data.batch_size {change.saved}")
+        elif change.name == "world_size":
+            what.append(f"the number of training processes changed from {change.saved} to {change.current}")
+            how.append(f"{change.saved} processes (--trainer.devices times --trainer.num_nodes)")
+        elif change.name == "seed":
+            what.append(f"the data seed changed from {change.saved} to {change.current}")
+            how.append(f"--data.split_seed {change.saved}")
+        elif change.name == "dataset":
+            saved, current = (change.saved or {}).get("examples"), change.current["examples"]
+            counts = f"{saved} examples then, {current} now" if saved != current else "other lengths"
+            what.append(f"the training data changed ({counts})")
+            how.append("the data it was trained on")
+        else:
+            what.append(f"the batching changed ({change.name} {change.saved} then, {change.current} now)")
+            how.append("the nlprnn version that wrote it")
+    return UserError(
+        f"cannot resume: {' and '.join(what)} since {checkpoint_name}, so its place in the epoch would name other "
+        f"examples; resume with {', '.join(how)}, or start a new run"
+    )
 
 
 # --- resumable data order -------------------------------------------------------------------------
 
 
 class RestoreLoaderPosition(Callback):
-    """Hands a resumed run's ResumableLoader its saved position, also where Lightning does not.
+    """Saves the training batch sampler's state in every checkpoint; restores it when a run resumes.
 
-    Lightning restores stateful loaders only when it creates them after the checkpoint is loaded; a
-    model that reads `trainer.estimated_stepping_batches` in configure_optimizers (for an LR schedule)
-    has it create the loader earlier, and the saved position is then dropped. Loading it again at
-    train start is harmless otherwise: the loader starts reading only at its first batch.
+    The one place the data position is restored: ResumableLoader is not stateful to Lightning, which
+    would restore it only when it creates the loader after loading the checkpoint (not so when
+    configure_optimizers reads `trainer.estimated_stepping_batches` for an LR schedule). At train start
+    the loader exists on every path and has not drawn a batch, so the sampler starts the resumed epoch
+    after its saved position and the batches trained on are never read. A state whose batches differ
+    (batch size, world size, seed, data) is refused with a UserError.
     """
 
     def __init__(self) -> None:
-        self._states: list[dict] = []
+        self._trainer: L.Trainer | None = None
+        self._resuming_from: str | None = None  # the checkpoint being resumed, once it is loaded
+        self._state: dict[str, Any] | None = None  # its sampler state
+
+    @staticmethod
+    def saved_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """The training batch sampler's state in a checkpoint written with this callback; None if absent."""
+        return checkpoint.get("callbacks", {}).get(RestoreLoaderPosition.__qualname__, {}).get("batch_sampler")
+
+    @staticmethod
+    def _sampler(trainer: L.Trainer | None) -> BucketBatchSampler | None:
+        loader = trainer.train_dataloader if trainer is not None else None
+        sampler = loader.batch_sampler if isinstance(loader, ResumableLoader) else None
+        return sampler if isinstance(sampler, BucketBatchSampler) else None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # state_dict() is called without it
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self._sampler(self._trainer)
+        return {"batch_sampler": sampler.state_dict()} if sampler is not None else {}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+        if trainer.state.fn != "fit":
+            return
+        self._resuming_from = Path(str(trainer.ckpt_path)).name
+        self._state = self.saved_state(checkpoint)
+        if self._state is None:  # refused here, before Lightning meets an older checkpoint's loader state
+            raise no_saved_position(self._resuming_from)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        if self._states and isinstance(loader, ResumableLoader):
-            loader.load_state_dict(self._states[0])
-        self._states = []
+        name, state = self._resuming_from, self._state
+        self._resuming_from = self._state = None
+        sampler = self._sampler(trainer)
+        if name is None or state is None or sampler is None:
+            return
+        try:
+            sampler.load_state_dict(state)
+        except ResumeMismatch as err:
+            raise resume_refusal(name, err.changes) from None

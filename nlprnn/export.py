@@ -1,8 +1,10 @@
 """python -m nlprnn.export CKPT --out DIR: a checkpoint becomes a bundle, checked with onnxruntime.
 
-CKPT is a checkpoint written by `python -m nlprnn.fit`, or its run folder (then best.ckpt). The run
-folder's tokenizer.json and labels.json go into the bundle, and so do the test metrics of metrics.json
-when CKPT is the run's best checkpoint, the one they were measured on. See nlprnn.deploy.bundle for
+CKPT is a checkpoint written by `python -m nlprnn.fit`, or its run folder (then best.ckpt). The
+checkpoint carries its labels, tokenizer and max_length (TextDataModule.state_dict), so it exports
+alone, wherever it lies; one written before checkpoints carried them takes them from its run folder's
+labels.json, tokenizer.json and config.yaml. The test metrics of a metrics.json beside CKPT go into the
+manifest when CKPT is best.ckpt, the checkpoint they were measured on. See nlprnn.deploy.bundle for
 the bundle layout.
 
 The model goes through the TorchScript-based exporter (`dynamo=False`) with dynamic batch and time
@@ -20,20 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 import nlprnn
-from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer
+from nlprnn.atomic import publishing
+from nlprnn.data.datamodule import CHECKPOINT_FORMAT, TextDataModule
+from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer, tokenizer_from_json
 from nlprnn.deploy.bundle import (
     INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
 )
@@ -135,7 +136,7 @@ def encoder_summary(model: TextClassifier) -> dict:
 def export_model(
     model: TextClassifier,
     out: Path,
-    tokenizer_file: Path,
+    tokenizer: str | Path | Tokenizer,
     labels: list[str],
     max_length: int,
     test_metrics: dict[str, float] | None = None,
@@ -146,13 +147,16 @@ def export_model(
 
     Everything is written into a scratch folder beside `out` that becomes `out` only once the check
     has passed, so a failure leaves nothing half-written. `model` is moved to the CPU in float32 and
-    left in eval mode.
+    left in eval mode. `tokenizer` is a tokenizer.json file or a tokenizer (whose padding and
+    truncation are then changed).
     """
     out = Path(out)
     _check_destination(out, overwrite)
     model = model.to("cpu", torch.float32).eval()
-    tokenizer = load_tokenizer(Path(tokenizer_file))
-    _check_matches(model, tokenizer, labels, tokenizer_file)
+    tokenizer_name = str(tokenizer) if isinstance(tokenizer, (str, Path)) else "the tokenizer"  # for error messages
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(Path(tokenizer))
+    _check_matches(model, tokenizer, labels, tokenizer_name)
     if max_length < 1:
         raise UserError(f"max_length must be at least 1, not {max_length}")
     unk_id = tokenizer.token_to_id(UNK)
@@ -164,7 +168,7 @@ def export_model(
         test_metrics=test_metrics,
         nlprnn_version=nlprnn.__version__,
     )
-    with _scratch_beside(out) as scratch:
+    with publishing(out, replace=True) as scratch:
         export_onnx(model, scratch / MODEL_FILE, example_length)
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length)  # the bundle's tokenizer cuts texts as the model expects
@@ -178,7 +182,6 @@ def export_model(
                 f"the ONNX model's logits differ from PyTorch's by {difference:.3g} (tolerance {TOLERANCE:g}); "
                 f"no bundle was written to {out}"
             )
-        _publish(scratch, out)
     return out
 
 
@@ -197,24 +200,60 @@ def export_checkpoint(
     overwrite: bool = False,
     max_length: int | None = None,
 ) -> Path:
-    """Export a checkpoint of a run folder (or the run folder's best.ckpt) to a bundle; return its folder."""
+    """Export a checkpoint (or a run folder's best.ckpt) to a bundle; return its folder.
+
+    Labels, tokenizer and max_length come from the checkpoint, or from its run folder when it predates
+    checkpoints that carry them; a metrics.json beside best.ckpt gives the manifest its test metrics.
+    """
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / BEST
     run_dir = checkpoint.parent
     out = Path(out) if out is not None else run_dir / "bundle"
     _check_destination(out, overwrite)
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint not found: {checkpoint}")
-    for name in (TOKENIZER_FILE, LABELS_FILE):
-        if not (run_dir / name).is_file():
-            raise UserError(f"{run_dir} has no {name}; export a checkpoint from a run folder of `python -m nlprnn.fit`")
-    labels = _read_json(run_dir / LABELS_FILE)
     model = load_checkpoint(checkpoint)
+    saved = checkpoint_data(checkpoint)
+    if saved is not None:
+        labels = saved["labels"]
+        tokenizer = tokenizer_from_json(saved["tokenizer"], f"the tokenizer in {checkpoint}")
+        if max_length is None:
+            max_length = int(saved["data"]["max_length"])
+    else:
+        for name in (TOKENIZER_FILE, LABELS_FILE):
+            if not (run_dir / name).is_file():
+                raise UserError(
+                    f"{checkpoint} carries no labels or tokenizer (it was written by an older nlprnn) and {run_dir} "
+                    f"has no {name}; export it from the run folder of `python -m nlprnn.fit` that wrote it"
+                )
+        labels = _read_json(run_dir / LABELS_FILE)
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+        if max_length is None:
+            max_length = _training_max_length(run_dir)
     metrics = _read_json(run_dir / "metrics.json") if checkpoint.name == BEST and (run_dir / "metrics.json").is_file() else None
-    if max_length is None:
-        max_length = _training_max_length(run_dir)
-    return export_model(model, out, run_dir / TOKENIZER_FILE, labels, max_length, metrics, overwrite)
+    return export_model(model, out, tokenizer, labels, max_length, metrics, overwrite)
+
+
+def checkpoint_data(path: Path) -> dict[str, Any] | None:
+    """What TextDataModule.state_dict() saved in checkpoint `path`: labels, tokenizer (JSON text), data settings.
+
+    None for a checkpoint written before checkpoints carried them.
+    """
+    try:
+        # mmap reads the archive's index and this small entry, not the weights
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # torch raises many types for unreadable or foreign files
+        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+    saved = checkpoint.get(TextDataModule.__qualname__) if isinstance(checkpoint, dict) else None
+    if saved is None:
+        return None
+    readable = (
+        isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT
+        and isinstance(saved.get("labels"), list) and isinstance(saved.get("tokenizer"), str)
+        and isinstance((saved.get("data") or {}).get("max_length"), int)
+    )
+    if not readable:
+        raise UserError(f"{path} carries data settings in a layout this nlprnn {nlprnn.__version__} cannot read")
+    return saved
 
 
 def export_after_fit(best_checkpoint: str, run_dir: Path) -> Path:
@@ -240,17 +279,17 @@ def _training_max_length(run_dir: Path) -> int:
     raise UserError(f"cannot tell the max_length {run_dir} was trained with; give it with --max_length")
 
 
-def _check_matches(model: TextClassifier, tokenizer, labels: object, tokenizer_file: Path) -> None:
+def _check_matches(model: TextClassifier, tokenizer: Tokenizer, labels: object, tokenizer_name: str) -> None:
     """The tokenizer and labels belong to the model: same padding id, vocabulary within range, one label per class."""
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise UserError("labels must be a list of label names")
     if len(labels) != model.hparams.num_classes:
         raise UserError(f"the model has {model.hparams.num_classes} classes but there are {len(labels)} labels")
     if tokenizer.token_to_id(PAD) != model.hparams.pad_id:
-        raise UserError(f"{tokenizer_file} pads with id {tokenizer.token_to_id(PAD)}, the model with {model.hparams.pad_id}")
+        raise UserError(f"{tokenizer_name} pads with id {tokenizer.token_to_id(PAD)}, the model with {model.hparams.pad_id}")
     if tokenizer.get_vocab_size() > model.hparams.vocab_size:
         raise UserError(
-            f"{tokenizer_file} has {tokenizer.get_vocab_size()} tokens, more than the model's "
+            f"{tokenizer_name} has {tokenizer.get_vocab_size()} tokens, more than the model's "
             f"{model.hparams.vocab_size}: it is not this model's tokenizer"
         )
 
@@ -260,29 +299,6 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out} is a file; choose a folder for the bundle")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-
-
-@contextmanager
-def _scratch_beside(out: Path) -> Iterator[Path]:
-    """A scratch folder on the same file system as `out` (so it can be renamed into place), removed on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)  # already gone when it was published
-
-
-def _publish(scratch: Path, out: Path) -> None:
-    """Move the finished bundle to `out`, replacing what was there."""
-    os.chmod(scratch, 0o755)  # mkdtemp makes folders private; a bundle is an ordinary folder
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(scratch, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(scratch, out)
 
 
 def _read_json(path: Path) -> object:
@@ -303,11 +319,12 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         description="Export a checkpoint to a bundle (model.onnx, tokenizer.json, labels.json, nlprnn.json), "
         "checked against PyTorch with onnxruntime.",
     )
-    parser.add_argument("checkpoint", help="a checkpoint in a run folder of `python -m nlprnn.fit`, or the run folder (best.ckpt)")
-    parser.add_argument("--out", default=None, help="the bundle folder to write (default: <run folder>/bundle)")
+    parser.add_argument("checkpoint", help="a checkpoint written by `python -m nlprnn.fit` (it needs no run folder "
+                        "around it), or a run folder (its best.ckpt)")
+    parser.add_argument("--out", default=None, help="the bundle folder to write (default: bundle/ beside the checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--max_length", type=int, default=None,
-                        help="tokens a text is cut to (default: as in training, from the run folder)")
+                        help="tokens a text is cut to (default: as in training, from the checkpoint)")
     return parser.parse_args(args)
 
 

@@ -8,6 +8,7 @@ from configs/default.yaml.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn import slurm, tracking
+from nlprnn.atomic import write_json, write_text
 from nlprnn.callbacks import (
     AtomicCheckpointIO,
     ConfusionMatrixReport,
@@ -40,9 +42,7 @@ from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import PATIENCE_EPOCHS, epoch_budget
 from nlprnn.errors import UserError, exit_on_reported_error
 from nlprnn.models.classifier import TextClassifier
-from nlprnn.run_dir import (
-    RUN_NAME_ENV, claim_run_dir, copy_file, dataset_stem, new_run_name, write_json, write_text,
-)
+from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name
 from nlprnn.threads import fit_threads_to_machine
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -162,11 +162,13 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.resume_from
     if ckpt_path:
-        check_resumable(Path(ckpt_path))
+        # before anything is written: a resume whose batches would differ is refused, not run
+        check_resumable(Path(ckpt_path), data.batch_sampler("train", shuffle=True, world_size=trainer.world_size))
     if trainer.is_global_zero:
         write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-        copy_file(data.tokenizer_file, cli.run_dir / "tokenizer.json")
-        write_json(cli.run_dir / "labels.json", data.labels)
+        saved = data.state_dict()  # what every checkpoint carries: the run folder's copies come from it too
+        write_text(cli.run_dir / "tokenizer.json", saved["tokenizer"])
+        write_json(cli.run_dir / "labels.json", saved["labels"])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     if not test:  # nlprnn.tune selects on validation only: no test split, no baseline
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
@@ -209,6 +211,25 @@ def report_stop(cli: FitCLI) -> None:
               f"--output_dir {cli.config.output_dir} --ckpt_path last", file=sys.stderr)
 
 
+EXTRAS = {"tensorboard": "nlprnn[tensorboard]"}  # packages an extra of nlprnn installs
+
+
+def missing_package(err: BaseException) -> UserError | None:
+    """One line for a class in the configuration whose package is not installed; None for other errors."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    cause = next((e for e in chain if isinstance(e, ImportError)), None)
+    if cause is None:
+        return None
+    class_path = next((m.group(1) for e in chain if (m := re.search(r"class_path '([\w.]+)'", str(e)))), None)
+    needs = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+    extra = next((extra for package, extra in EXTRAS.items() if package in needs.lower()), None)
+    hint = f'; install it with: pip install "{extra}"' if extra else ""
+    return UserError(f"{class_path or 'the configuration'} needs a package that is not installed: {needs}{hint}")
+
+
 def with_default_config(args: list[str]) -> list[str]:
     """configs/default.yaml is the starting point unless the user names a config of their own."""
     named = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
@@ -231,16 +252,22 @@ def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test:
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     fit_threads_to_machine()
-    cli = FitCLI(
-        TextClassifier,
-        TextDataModule,
-        run=False,
-        args=args,
-        seed_everything_default=42,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": list(callbacks)},  # appended to the configured ones; not part of the config
-    )
+    try:
+        cli = FitCLI(
+            TextClassifier,
+            TextDataModule,
+            run=False,
+            args=args,
+            seed_everything_default=42,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": list(callbacks)},  # appended to the configured ones; not part of the config
+        )
+    except (ImportError, ValueError) as err:  # jsonargparse wraps a class's failed import in ValueErrors
+        missing = missing_package(err)
+        if missing is None:
+            raise
+        raise missing from None
     try:
         metrics = fit_and_test(cli, test)
     except NonFiniteLoss:

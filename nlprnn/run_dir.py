@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
 import time
 from pathlib import Path
 
-from nlprnn.cache import atomic_write_bytes
 from nlprnn.errors import UserError
 
 # Set by the launching process so that the processes it starts for other devices use its folder.
@@ -41,16 +38,3 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
-
-def write_json(path: Path, data: object) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

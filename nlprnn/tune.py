@@ -30,7 +30,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from nlprnn.errors import UserError, exit_on_reported_error
-from nlprnn.run_dir import RUN_NAME_ENV, dataset_stem, write_text
+from nlprnn.atomic import write_bytes, write_text
+from nlprnn.run_dir import RUN_NAME_ENV, dataset_stem
 from nlprnn.tune_space import Dimension, fit_args, load_space
 
 PROG = "nlprnn.tune"
@@ -444,7 +445,6 @@ def write_plots(study, output_dir: Path) -> list[str]:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as plots
 
-    from nlprnn.cache import atomic_write_bytes
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     notes = []
@@ -463,7 +463,7 @@ def write_plots(study, output_dir: Path) -> list[str]:
             png = io.BytesIO()
             figure.savefig(png, format="png", dpi=100)
             plt.close(figure)
-            atomic_write_bytes(output_dir / name, png.getvalue())
+            write_bytes(output_dir / name, png.getvalue())
         except (ValueError, RuntimeError, optuna.exceptions.OptunaError) as err:  # e.g. no parameter varies
             notes.append(f"{name} not drawn: {one_line(err)}")
     return notes

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import nlprnn.export as export
+from nlprnn.data.datamodule import TextDataModule
 from nlprnn.deploy import Predictor
 from nlprnn.deploy.predictor import make_session
-from nlprnn.export import ExportCheckFailed, export_model, export_onnx, load_checkpoint
+from nlprnn.export import ExportCheckFailed, checkpoint_data, export_model, export_onnx, load_checkpoint
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.models.encoder import RNNEncoder
 
@@ -216,17 +217,16 @@ def test_export_cli_fails_loudly_when_the_check_fails(run_dir, tmp_path, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "no tokenizer"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "old, no tokenizer", "old, alone"])
 def test_export_cli_bad_checkpoints(run_dir, tmp_path, capsys, problem):
     folder = tmp_path / "run"
     folder.mkdir()
-    for name in ("labels.json", "tokenizer.json"):
-        if not (problem == "no tokenizer" and name == "tokenizer.json"):
-            (folder / name).write_bytes((run_dir / name).read_bytes())
+    if problem == "old, no tokenizer":
+        (folder / "labels.json").write_bytes((run_dir / "labels.json").read_bytes())
     if problem == "corrupt":
         (folder / "best.ckpt").write_bytes(b"not a checkpoint")
-    elif problem == "no tokenizer":
-        (folder / "best.ckpt").write_bytes((run_dir / "best.ckpt").read_bytes())
+    elif problem.startswith("old"):
+        without_data_settings(run_dir / "best.ckpt", folder / "best.ckpt")
     with pytest.raises(SystemExit) as exit_info:
         export.main([str(folder)])
     assert exit_info.value.code == 2
@@ -234,7 +234,66 @@ def test_export_cli_bad_checkpoints(run_dir, tmp_path, capsys, problem):
     expected = {
         "missing": "checkpoint not found",
         "corrupt": "is not a readable nlprnn checkpoint",
-        "no tokenizer": "has no tokenizer.json",
+        "old, no tokenizer": "carries no labels or tokenizer (it was written by an older nlprnn) and",
+        "old, alone": "carries no labels or tokenizer (it was written by an older nlprnn) and",
     }[problem]
     assert expected in err and "Traceback" not in err and err.count("\n") == 1
     assert not (folder / "bundle").exists()
+
+
+# --- checkpoints that describe themselves ---
+
+def without_data_settings(source: Path, target: Path) -> Path:
+    """A copy of checkpoint `source` as nlprnn wrote them before they carried labels, tokenizer and data settings."""
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    del state[TextDataModule.__qualname__]
+    torch.save(state, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["best.ckpt", "last.ckpt"])
+def test_checkpoints_carry_labels_tokenizer_and_data_settings(run_dir, name):
+    saved = checkpoint_data(run_dir / name)
+    assert saved["labels"] == json.loads((run_dir / "labels.json").read_text()) == ["negative", "positive"]
+    assert saved["tokenizer"] == (run_dir / "tokenizer.json").read_text()  # the run folder's copy is written from it
+    assert json.loads(saved["tokenizer"])["truncation"]["max_length"] == 40
+    data = saved["data"]
+    assert data["max_length"] == 40 and data["text_column"] == "text" and data["label_column"] == "label"
+    assert Path(data["train_file"]).name == "tiny.csv"
+    assert saved["calibration"] is None
+
+
+def test_a_lone_checkpoint_exports_like_its_run_folder(run_dir, tmp_path):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "best.ckpt").write_bytes((run_dir / "best.ckpt").read_bytes())
+    export.export_checkpoint(lone / "best.ckpt")
+    assert sorted(p.name for p in lone.iterdir()) == ["best.ckpt", "bundle"]
+    manifest = json.loads((lone / "bundle" / "nlprnn.json").read_text())
+    assert manifest["max_length"] == 40 and manifest["test_metrics"] is None  # no metrics.json beside it
+    # A checkpoint from before, beside its run folder's files, exports as it did.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("labels.json", "tokenizer.json", "config.yaml", "metrics.json"):
+        (old / name).write_bytes((run_dir / name).read_bytes())
+    without_data_settings(run_dir / "best.ckpt", old / "best.ckpt")
+    assert checkpoint_data(old / "best.ckpt") is None
+    export.export_checkpoint(old)
+    assert json.loads((old / "bundle" / "nlprnn.json").read_text())["test_metrics"] is not None
+
+    texts = [row["text"] for row in make_examples(12, seed=2)] + ["an unseen word salad " * 30, ""]
+    expected = Predictor(run_dir / "bundle", threads=1)
+    for bundle in (lone / "bundle", old / "bundle"):
+        predictor = Predictor(bundle, threads=1)
+        assert predictor.labels == expected.labels
+        assert [p[0] for p in predictor.predict(texts)] == [p[0] for p in expected.predict(texts)]
+        np.testing.assert_allclose(predictor.score(texts).probabilities, expected.score(texts).probabilities,
+                                   rtol=0, atol=1e-6)
+
+
+def test_resuming_with_other_labels_is_refused(tiny_csv):
+    data = TextDataModule(train_file=str(tiny_csv))
+    saved = data.state_dict()
+    data.load_state_dict(saved)  # the same data: nothing to say
+    with pytest.raises(export.UserError, match=r"trained on the labels \['positive', 'negative'\], but this data has"):
+        data.load_state_dict({**saved, "labels": ["positive", "negative"]})

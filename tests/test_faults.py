@@ -1,4 +1,4 @@
-"""Fault tolerance: resume after kill -9 and after SIGTERM, non-finite loss, bad checkpoints, determinism."""
+"""Fault tolerance: resume after kill -9 and after SIGTERM, refused resumes, non-finite loss, bad checkpoints, determinism."""
 
 from __future__ import annotations
 
@@ -118,12 +118,101 @@ def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_pa
     assert "Traceback" not in stderr
     saved = load(out / "stopped" / "last.ckpt")
     assert saved["global_step"] == 5
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 5}]
+    position = saved["callbacks"]["RestoreLoaderPosition"]["batch_sampler"]
+    assert (position["epoch"], position["position"], position["batch_size"]) == (0, 5, 16)
+    assert "combined_loader" not in saved["loops"]["fit_loop"]["state_dict"]  # restored in one place only
     TextClassifier.load_from_checkpoint(out / "stopped" / "last.ckpt", map_location="cpu")
 
     fit_in_process(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"), monkeypatch)
     fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
     assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
+
+
+class TermAt(Callback):
+    """Sends this process SIGTERM at optimizer step `step`: an in-process stop, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordBatches(Callback):
+    """Every training batch's epoch and examples (its token ids and labels), in the order trained."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        seen = repr((batch["input_ids"].tolist(), batch["labels"].tolist()))
+        self.batches.append((trainer.current_epoch, seen))
+
+
+def stopped_at(step: int, args: list[str], monkeypatch) -> list[tuple[int, str]]:
+    """Run in this process until SIGTERM at optimizer step `step`; the batches it trained on."""
+    record = RecordBatches()
+    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args, callbacks=[record, TermAt(step)])
+    assert exit_info.value.code == 143
+    return record.batches
+
+
+def test_resume_without_an_lr_schedule_trains_exactly_the_batches_of_an_uninterrupted_run(
+    tmp_path, tiny_csv, monkeypatch
+):
+    # No warm-up and no decay: nothing reads estimated_stepping_batches, so Lightning creates the loader
+    # after loading the checkpoint (its own restore path); the position must still be restored exactly once.
+    out, constant_lr = tmp_path / "runs", ["--model.warmup_steps", "0", "--model.lr_decay", "false"]
+    before = stopped_at(13, tiny(tiny_csv, out, "stopped", *constant_lr, "--checkpoint_every_n_steps", "0"),
+                        monkeypatch)
+    assert len(before) == 13 and before[-1][0] == 1  # stopped mid-epoch 1, after 3 of its batches
+    after, uninterrupted = RecordBatches(), RecordBatches()
+    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+    main(tiny(tiny_csv, out, "stopped", *constant_lr, "--ckpt_path", "last"), callbacks=[after])
+    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+    main(tiny(tiny_csv, out, "uninterrupted", *constant_lr), callbacks=[uninterrupted])
+    assert before + after.batches == uninterrupted.batches  # none repeated, none left out, same order
+    resumed, whole = load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt")
+    assert resumed["global_step"] == whole["global_step"] == 3 * STEPS_PER_EPOCH and not whole["lr_schedulers"]
+    for name, weight in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def test_resuming_with_another_batch_size_is_refused_in_one_line_and_changes_nothing(
+    tmp_path, tiny_csv, monkeypatch, capsys
+):
+    out = tmp_path / "runs"
+    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), monkeypatch)
+    run = out / "stopped"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    resumed = tiny(tiny_csv, out, "stopped", "--ckpt_path", "last", "--data.batch_size", "8")
+    with pytest.raises(SystemExit) as exit_info:
+        fit_in_process(resumed, monkeypatch)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "nlprnn.fit: error: cannot resume: the batch size changed from 16 to 8 since last.ckpt, so its place in the "
+        "epoch would name other examples; resume with --data.batch_size 16, or start a new run"
+    ]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.yaml and last.ckpt untouched
+
+
+def test_a_checkpoint_without_the_batch_position_is_refused(tmp_path, tiny_csv, monkeypatch, capsys):
+    out = tmp_path / "runs"
+    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), monkeypatch)
+    checkpoint = load(out / "stopped" / "last.ckpt")
+    del checkpoint["callbacks"]["RestoreLoaderPosition"]  # as an earlier nlprnn wrote it
+    checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 0, "batches": 5}]
+    torch.save(checkpoint, out / "stopped" / "last.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fit_in_process(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"), monkeypatch)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("nlprnn.fit: error: cannot resume: last.ckpt does not record the order of its training")
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(

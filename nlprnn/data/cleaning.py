@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nlprnn.cache import atomic_write_bytes, cache_dir
+from nlprnn.atomic import write_bytes
+from nlprnn.cache import cache_dir
 from nlprnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def repair_utf8(path: Path) -> tuple[Path, int]:
             dst.write(decoder.decode(block).encode("utf-8"))
         dst.write(decoder.decode(b"", final=True).encode("utf-8"))
     scratch.replace(copy)
-    atomic_write_bytes(count_file, str(counter.count).encode())
+    write_bytes(count_file, str(counter.count).encode())
     return copy, counter.count
 
 

@@ -8,22 +8,26 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from nlprnn.cache import atomic_dir, cache_dir
+from nlprnn.atomic import publishing
+from nlprnn.cache import cache_dir
 from nlprnn.data.batching import BucketBatchSampler, Collate, ResumableLoader, TokenizedSplit
 from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import (
     PAD, TokenizerConfig, load_tokenizer, resolve_auto, text_batches, train_tokenizer,
 )
 from nlprnn.derived import LENGTH_SAMPLE, MAX_LENGTH_RULE, Derived, max_length_from, typical_length
+from nlprnn.errors import UserError
 
 log = logging.getLogger(__name__)
 PREPARED_FORMAT = 4  # bump when the prepared layout or tokenization changes
+CHECKPOINT_FORMAT = 1  # of state_dict(); bump only when a reader of an older layout would misread it
 MAP_BATCH = 1000  # texts per tokenizer call while preparing
 
 
@@ -166,7 +170,7 @@ class TextDataModule(L.LightningDataModule):
                     "keep their vectors" if config.vector_words else "no word vectors are installed (or the "
                     "tokenizer is not word-level)")
             max_length = self.max_length or derived["data.max_length"].value
-            with atomic_dir(target) as scratch:
+            with publishing(target) as scratch:
                 tokenized, counts = tokenize_splits(splits, tokenizer, max_length, self.num_proc)
                 tokenized.save_to_disk(str(scratch / "splits"))
                 tokenizer.enable_truncation(max_length)  # what serving the model will do too
@@ -201,18 +205,45 @@ class TextDataModule(L.LightningDataModule):
         self.meta  # prepares the data when this process has not
         return load_tokenizer(self.tokenizer_file)
 
+    # --- what every checkpoint carries ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to be used without this data: labels, tokenizer and data settings.
+
+        Lightning saves it in every checkpoint under the class name ("TextDataModule"); nlprnn.export
+        reads it there, and the run folder's labels.json and tokenizer.json are written from it.
+        "calibration" is kept for a calibration of the model's probabilities; None until one is fitted.
+        """
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "labels": list(self.labels),
+            "tokenizer": self.tokenizer_file.read_bytes().decode("utf-8"),  # truncates at max_length
+            "data": {**asdict(self.source), "max_length": int(self.meta["max_length"])},  # named as data.* options
+            "calibration": None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed (or tested) checkpoint's classes must be this data's, in the same order: a model
+        # with the same number of classes would otherwise load and silently mislabel.
+        saved = state_dict.get("labels")
+        if saved is not None and list(saved) != self.labels:
+            raise UserError(f"the checkpoint was trained on the labels {list(saved)}, but this data has {self.labels}")
+
     # --- loaders ---
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def batch_sampler(self, split: str, shuffle: bool, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
+        """One rank's batches of a split (a resumed run checks its checkpoint against the training ones)."""
         self.setup()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        data = self.splits[split]
-        lengths = data.with_format("numpy", columns=["length"])[:]["length"]  # (N,), not a Python list
-        sampler = BucketBatchSampler(
-            lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world
+        lengths = self.splits[split].with_format("numpy", columns=["length"])[:]["length"]  # (N,), not a Python list
+        return BucketBatchSampler(
+            lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world_size
         )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = self.batch_sampler(split, shuffle, rank, world)
         return DataLoader(
-            TokenizedSplit(data),
+            TokenizedSplit(self.splits[split]),
             batch_sampler=sampler,
             collate_fn=Collate(self.pad_id),
             num_workers=self.num_workers,

@@ -113,12 +113,17 @@ def _add_vector_words(tokenizer: Tokenizer, name: str, limit: int) -> None:
 def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"tokenizer file not found: {path}")
+    return tokenizer_from_json(path.read_bytes().decode("utf-8", errors="replace"), str(path))
+
+
+def tokenizer_from_json(text: str, source: str) -> Tokenizer:
+    """A tokenizer from the text of its tokenizer.json (a checkpoint carries it so); `source` names it in errors."""
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
-        raise UserError(f"{path} is not a tokenizer.json ({err})") from None
+        raise UserError(f"{source} is not a tokenizer.json ({err})") from None
     if tokenizer.token_to_id(PAD) is None:
-        raise UserError(f"{path} has no {PAD} token; nlprnn pads with it")
+        raise UserError(f"{source} has no {PAD} token; nlprnn pads with it")
     return tokenizer
 
 

@@ -108,3 +108,88 @@ def test_padding_efficiency_on_movie_snippets_at_batch_size_64(shared_cache, mon
         sampler = BucketBatchSampler(lengths, 64, seed=number)
         sampler.set_epoch(number)
         assert sampler.padding_efficiency() >= 0.90
+
+
+# --- resume state ------------------------------------------------------------------------------------
+
+
+def drawn(sampler: BucketBatchSampler, count: int) -> list[list[int]]:
+    iterator = iter(sampler)
+    return [next(iterator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_state_dict_round_trip_continues_each_rank_after_its_position(world_size):
+    lengths = lengths_like_reviews(700)
+    samplers = rank_samplers(lengths, 16, world_size, seed=5, window_batches=3)
+    uninterrupted = epoch(samplers, 4)
+    states = []
+    for sampler in samplers:
+        drawn(sampler, 7)  # epoch 4 is still set
+        states.append(sampler.state_dict())
+    assert all(s["epoch"] == 4 and s["position"] == 7 for s in states)
+    assert states[0]["dataset"] == states[-1]["dataset"]  # the fingerprint agrees across ranks
+
+    restored = rank_samplers(lengths, 16, world_size, seed=5, window_batches=3)
+    for sampler, state in zip(restored, states):
+        sampler.load_state_dict(state)
+        sampler.set_epoch(4)  # what Lightning does before the resumed epoch
+        assert list(sampler) == uninterrupted[sampler.rank][7:]
+        assert sampler.state_dict()["position"] == len(sampler)  # the epoch's end
+        assert list(sampler) == uninterrupted[sampler.rank]  # a second pass is the whole epoch again
+
+
+def test_a_state_from_an_ended_epoch_starts_the_next_epoch_at_its_first_batch():
+    sampler = BucketBatchSampler(lengths_like_reviews(300), 16)
+    list(sampler)
+    restored = BucketBatchSampler(lengths_like_reviews(300), 16)
+    restored.load_state_dict(sampler.state_dict())
+    restored.set_epoch(1)
+    assert len(list(restored)) == len(sampler)
+
+
+def test_skipped_batches_are_never_read():
+    from torch.utils.data import DataLoader
+
+    from nlprnn.data.batching import ResumableLoader
+
+    class Recording(list):
+        read: list[int] = []
+
+        def __getitem__(self, index):
+            self.read.append(index)
+            return super().__getitem__(index)
+
+    lengths = lengths_like_reviews(200)
+    first = BucketBatchSampler(lengths, 8)
+    skipped = drawn(first, 10)
+    data = Recording(range(200))
+    resumed = BucketBatchSampler(lengths, 8)
+    resumed.load_state_dict(first.state_dict())
+    batches = list(ResumableLoader(DataLoader(data, batch_sampler=resumed, collate_fn=list)))
+    assert len(batches) == len(first) - 10
+    assert not set(data.read) & {i for batch in skipped for i in batch}
+    assert sorted(data.read) == sorted(i for batch in batches for i in batch)
+
+
+@pytest.mark.parametrize(
+    "changed, name",
+    [
+        (dict(batch_size=32), "batch_size"),
+        (dict(world_size=2), "world_size"),
+        (dict(seed=1), "seed"),
+        (dict(lengths=lengths_like_reviews(399)), "dataset"),
+        (dict(lengths=lengths_like_reviews(400, seed=9)), "dataset"),  # same count, other lengths
+    ],
+)
+def test_a_state_whose_batches_differ_is_refused_naming_what_changed(changed, name):
+    from nlprnn.data.batching import ResumeMismatch
+
+    settings = dict(lengths=lengths_like_reviews(400), batch_size=16, seed=0, world_size=1)
+    saved = BucketBatchSampler(**settings)
+    drawn(saved, 3)
+    resumed = BucketBatchSampler(**{**settings, **changed})
+    with pytest.raises(ResumeMismatch) as refused:
+        resumed.load_state_dict(saved.state_dict())
+    assert [c.name for c in refused.value.changes] == [name]
+    assert list(resumed) == list(BucketBatchSampler(**{**settings, **changed}))  # nothing was half-applied
