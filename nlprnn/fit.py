@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
@@ -28,16 +29,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn import slurm, tracking
 from nlprnn.atomic import write_json, write_text
-from nlprnn.callbacks import (
-    AtomicCheckpointIO,
-    ConfusionMatrixReport,
-    LastCheckpoint,
-    NonFiniteLoss,
-    NonFiniteLossGuard,
-    RestoreLoaderPosition,
-    TrainingMonitor,
-    check_resumable,
-)
+from nlprnn.callbacks.checkpoint_io import AtomicCheckpointIO
+from nlprnn.callbacks.last_checkpoint import LastCheckpoint
+from nlprnn.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossGuard
+from nlprnn.callbacks.report import ConfusionMatrixReport
+from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
+from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import PATIENCE_EPOCHS, epoch_budget
 from nlprnn.errors import UserError, exit_on_reported_error
@@ -72,8 +69,15 @@ class FitCLI(LightningCLI):
         if self.config.trainer.get("logger") in (None, True) and tracking.online() and rank_zero_only.rank == 0:
             tracking.check_online_login()  # before the data is prepared: a missing key or network fails in seconds
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse makes the data, applies the links that read its sizes, then makes the model: the data
+        # is prepared in between, as it is made (prepared_data), so preparation is a step of its own here.
+        self.config_init = self.parser.instantiate(self.config, instantiators=[(prepared_data, TextDataModule, True)])
+        self.datamodule, self.model = self.config_init.data, self.config_init.model
+        self.trainer = self.instantiate_trainer()
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        # The data is prepared by now (the links above read it), so bad input has already been reported.
+        # The data is prepared by now (instantiate_classes), so bad input has already been reported.
         self.claim_run_dir()
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -155,6 +159,17 @@ class FitCLI(LightningCLI):
         """Remove the run folder this process made, so a failed run leaves nothing half-written."""
         if self.created_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def prepared_data(class_type: type[TextDataModule], *args: Any, **kwargs: Any) -> TextDataModule:
+    """Make the datamodule and prepare its data: download, tokenizer, tokenization, then load.
+
+    Every process of a run calls it; a file lock lets one per machine prepare while the others wait and
+    load. Bad input ends here with a UserError, before a run folder exists, leaving no half-written cache.
+    """
+    data = class_type(*args, **kwargs)
+    data.prepare()
+    return data
 
 
 def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:

@@ -146,7 +146,7 @@ class FitConfigs:
         parser.add_class_arguments(TextDataModule, "data")
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
         data = instantiate(parser.parse_object({"data": self.config.data.as_dict()})).data
-        data.meta  # noqa: B018 (prepares the data; raises UserError on bad input)
+        data.prepare()  # raises UserError on bad input
 
     def dump(self, extra: list[str]) -> str:
         with warnings.catch_warnings():
@@ -301,7 +301,7 @@ class Search:
         import optuna
 
         from nlprnn import fit
-        from nlprnn.callbacks import NonFiniteLoss
+        from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
         params = {dim.path: dim.suggest(trial) for dim in self.space}
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -329,7 +329,7 @@ class Search:
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
-        from nlprnn.callbacks import NonFiniteLoss
+        from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one progress line per trial instead (see progress)
         storage = open_storage(self.storage_url)

@@ -201,7 +201,7 @@ def time_pipeline(model, data, settings: dict, warmup: int, steps: int, device: 
     """Train `warmup + steps` optimizer steps with a Trainer and time the last `steps`; no validation, logger, checkpoints."""
     from lightning.pytorch import Trainer
 
-    from nlprnn.callbacks import NonFiniteLossGuard
+    from nlprnn.callbacks.nonfinite import NonFiniteLossGuard
 
     timer = make_step_timer(warmup, device)
     trainer = Trainer(**{
@@ -483,6 +483,7 @@ def benchmark_tokenization(args, data_settings: dict, repeats: int = 3) -> dict:
             setattr(datamodule_module, name, function)
         splits = originals["load_splits"](data.source)
         texts = [text for split in SPLITS for text in splits[split]["text"]]
+        data.setup()  # loads what prepare_data wrote
         tokenizer = data.tokenizer()
         tokenizer.no_truncation()  # the DataModule tokenizes untruncated too, then cuts and counts
         direct = []

@@ -13,7 +13,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
-from nlprnn.callbacks import ConfusionMatrixReport
+from nlprnn.callbacks.report import ConfusionMatrixReport
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.data.tokenizer import TokenizerConfig
 from nlprnn.fit import main

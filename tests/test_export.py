@@ -293,6 +293,7 @@ def test_a_lone_checkpoint_exports_like_its_run_folder(run_dir, tmp_path):
 
 def test_resuming_with_other_labels_is_refused(tiny_csv):
     data = TextDataModule(train_file=str(tiny_csv))
+    data.prepare()
     saved = data.state_dict()
     data.load_state_dict(saved)  # the same data: nothing to say
     with pytest.raises(export.UserError, match=r"trained on the labels \['positive', 'negative'\], but this data has"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from nlprnn.callbacks import check_resumable
+from nlprnn.callbacks.resume import check_resumable
 from nlprnn.errors import UserError
 from nlprnn.fit import main
 from nlprnn.models.classifier import TextClassifier

@@ -96,6 +96,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_csv, isolated_c
     assert not prepared.exists() or not [p for p in prepared.iterdir() if not p.name.endswith(".lock")]
 
 
+def test_fit_prepares_the_data_once_before_the_model_is_made(tmp_path, tiny_csv, monkeypatch):
+    import nlprnn.data.datamodule as datamodule
+    import nlprnn.fit
+
+    trained = []
+    train_tokenizer = datamodule.train_tokenizer
+    monkeypatch.setattr(datamodule, "train_tokenizer", lambda *a, **k: trained.append(1) or train_tokenizer(*a, **k))
+    nlprnn.fit.main(["--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.fast_dev_run", "true",
+                     "--trainer.logger", "false", "--baseline", "false", "--output_dir", str(tmp_path / "runs"),
+                     "--run_name", "once"])
+    # Made before the model, since the links read it; the Trainer's own prepare_data() and setup() find it done.
+    assert len(trained) == 1
+    hparams = torch.load(tmp_path / "runs" / "once" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    vocab = json.loads((tmp_path / "runs" / "once" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert hparams["vocab_size"] == len(vocab) and hparams["num_classes"] == 2
+
 def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "best.ckpt").write_text("precious")

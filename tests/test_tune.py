@@ -168,7 +168,7 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
                                                                                   monkeypatch, capsys):
     """Trials are nlprnn.fit.run calls; stand-ins show what the search does when one diverges or is interrupted."""
     from nlprnn import fit
-    from nlprnn.callbacks import NonFiniteLoss
+    from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
     def run(args, callbacks=(), test=True):
         assert test is False and "--baseline" in args  # selection on validation only, without the baseline

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from nlprnn.padding import pad_rows
+
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar-length examples, so little padding is computed.
@@ -195,11 +197,7 @@ class Collate:
         self.pad_id = pad_id
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        sequences = batch["input_ids"]
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        ids = np.full((len(sequences), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = seq
+        ids, lengths = pad_rows(batch["input_ids"], self.pad_id)
         return {
             "input_ids": torch.from_numpy(ids),
             "lengths": torch.from_numpy(lengths),

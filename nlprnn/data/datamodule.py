@@ -122,10 +122,10 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def meta(self) -> dict:
-        """Vocabulary size, padding id, labels and counts of the prepared data (prepares it if needed)."""
+        """Vocabulary size, padding id, labels and counts of the prepared data (after prepare() or setup())."""
         if self._meta is None:
-            self.prepare_data()
-            self._meta = json.loads((self.prepared_dir / "meta.json").read_text())
+            # Preparing here would hide a download and tokenization behind an attribute read.
+            raise RuntimeError(f"{type(self).__name__}: its data is read before it was prepared; call prepare() first")
         return self._meta
 
     # --- the cache entry ---
@@ -148,6 +148,15 @@ class TextDataModule(L.LightningDataModule):
     @property
     def tokenizer_file(self) -> Path:
         return self.prepared_dir / "tokenizer.json"
+
+    def prepare(self) -> None:
+        """Prepare the data (at most once per machine) and load it; call it before reading what the data tells.
+
+        The same as Lightning's prepare_data() then setup(), for code that has no Trainer yet (nlprnn.fit
+        calls it as it makes the datamodule, before the model is sized from it).
+        """
+        self.prepare_data()
+        self.setup()
 
     def prepare_data(self) -> None:
         """Fetch, split, train the tokenizer on train, tokenize every split; all cached, all at most once."""
@@ -196,13 +205,17 @@ class TextDataModule(L.LightningDataModule):
 
         if self.splits:
             return
-        self.meta  # prepares the data when this process has not
+        # Lightning runs prepare_data() on one process per machine and setup() on all: this only loads.
+        meta = self.prepared_dir / "meta.json"
+        if not meta.exists():
+            raise RuntimeError(f"{type(self).__name__}.setup() found no prepared data; call prepare() first")
+        self._meta = json.loads(meta.read_text())
         loaded = datasets.load_from_disk(str(self.prepared_dir / "splits"))
         self.splits = {s: loaded[s].select_columns(["input_ids", "length", "label"]) for s in SPLITS}
 
     def tokenizer(self):
         """The tokenizer trained on this data's training split."""
-        self.meta  # prepares the data when this process has not
+        self.meta  # noqa: B018 (raises unless the data is prepared)
         return load_tokenizer(self.tokenizer_file)
 
     # --- what every checkpoint carries ---

@@ -8,11 +8,12 @@ from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
+from nlprnn.data.tokenizer import load_tokenizer
 from nlprnn.deploy.bundle import INPUT_NAMES, OUTPUT_NAMES, Bundle, read_bundle
 from nlprnn.deploy.inputs import clean_text
 from nlprnn.errors import UserError
+from nlprnn.padding import pad_rows
 from nlprnn.threads import available_cores
 
 Prediction = tuple[str, dict[str, float]]  # (label, {label: probability})
@@ -68,7 +69,12 @@ class Predictor:
         self.pad_id = self.bundle.manifest.pad_id
         self.unk_id = self.bundle.manifest.unk_id
         self.batch_size = batch_size
-        self.tokenizer = _load_tokenizer(self.bundle.tokenizer_file, self.max_length)
+        try:
+            self.tokenizer = load_tokenizer(self.bundle.tokenizer_file)
+        except UserError as err:
+            raise UserError(f"{err}; export the bundle again") from None
+        self.tokenizer.no_padding()  # batches are padded here, to their own longest text
+        self.tokenizer.enable_truncation(self.max_length)
         self.session = make_session(self.bundle.model_file, threads)
         _check_signature(self.session, self.bundle)
 
@@ -104,11 +110,7 @@ class Predictor:
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Token id rows -> (B, T) ids padded after the real tokens and (B,) lengths, both int64."""
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-        return ids, lengths
+        return pad_rows(rows, self.pad_id)
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One model call: (B, T) ids and (B,) lengths -> (B, classes) logits and probabilities."""
@@ -120,16 +122,6 @@ def _as_text(text: object) -> str:
     if not isinstance(text, str):
         raise TypeError(f"texts must be strings, not {type(text).__name__}")
     return text
-
-
-def _load_tokenizer(path: Path, max_length: int) -> Tokenizer:
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception for malformed files
-        raise UserError(f"{path} is not a tokenizer.json ({err}); export the bundle again") from None
-    tokenizer.no_padding()  # batches are padded here, to their own longest text
-    tokenizer.enable_truncation(max_length)
-    return tokenizer
 
 
 def _check_signature(session: ort.InferenceSession, bundle: Bundle) -> None:

@@ -148,7 +148,7 @@ class TextClassifier(L.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")[1].detach()  # the logits, for test-time reports (callbacks.ConfusionMatrixReport)
+        return self._step(batch, "test")[1].detach()  # the logits, for test-time reports (nlprnn.callbacks.report)
 
     def on_test_epoch_end(self) -> None:
         """test_f1_<label> for every class, named by the data's labels where it has them."""

@@ -74,10 +74,11 @@ def main(args: list[str] | None = None) -> None:
             app, host=options.host, port=options.port, log_level="warning", access_log=options.access_log,
             timeout_keep_alive=30,
         ))
-        # uvicorn shuts down gracefully on these signals, then raises them again with the handlers it
-        # found: handlers that do nothing let the process end with status 0 once everything is answered.
+        # uvicorn shuts down gracefully on these signals, then raises them again with the handlers it found.
+        # These handlers ask for the same shutdown (a signal before uvicorn's own handlers are in place
+        # still stops it) and let the process end with status 0 once everything is answered.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
+            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
         server.run()  # a port that is taken ends it here: uvicorn logs why and exits 1
         answered = app.state.metrics.registry.get_sample_value(
             "nlprnn_requests_total", {"endpoint": CLASSIFY, "status": "200"}) or 0

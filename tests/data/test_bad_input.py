@@ -62,7 +62,7 @@ def test_texts_over_max_length_are_cut_and_counted(tmp_path, caplog):
     path = write_csv(tmp_path / "long.csv", rows)
     data = TextDataModule(train_file=str(path), max_length=20)
     with caplog.at_level(logging.WARNING):
-        data.setup()
+        data.prepare()
     meta = json.loads((data.prepared_dir / "meta.json").read_text())
     assert sum(meta["truncated"].values()) == 3
     assert all(int(data.splits[s].with_format("numpy")[:]["length"].max()) <= 20 for s in data.splits)

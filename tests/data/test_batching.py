@@ -102,7 +102,7 @@ def test_padding_efficiency_on_movie_snippets_at_batch_size_64(shared_cache, mon
 
     monkeypatch.setenv("NLPRNN_CACHE", str(shared_cache))
     data = TextDataModule(dataset="movie-snippets", batch_size=64)
-    data.setup()
+    data.prepare()
     lengths = data.splits["train"].with_format("numpy", columns=["length"])[:]["length"]
     for number in range(3):
         sampler = BucketBatchSampler(lengths, 64, seed=number)

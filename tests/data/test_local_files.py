@@ -66,6 +66,7 @@ def test_given_validation_and_test_files_are_used_as_they_are(tmp_path):
 
 def test_data_module_caches_tokenized_splits_and_links_what_the_data_knows(tiny_csv):
     data = TextDataModule(train_file=str(tiny_csv), batch_size=16)
+    data.prepare()
     assert (data.num_classes, data.pad_id, data.labels) == (2, 0, ["negative", "positive"])
     assert 20 < data.vocab_size < 60
     prepared = data.prepared_dir
@@ -81,11 +82,23 @@ def test_data_module_caches_tokenized_splits_and_links_what_the_data_knows(tiny_
         assert (row[length:] == 0).all() and (row[:length] != 0).all()
 
 
+def test_reading_the_data_before_preparing_it_is_an_error(tiny_csv):
+    data = TextDataModule(train_file=str(tiny_csv))
+    with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+        data.vocab_size  # noqa: B018
+    with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+        data.setup()
+    assert not data.prepared_dir.exists()  # reading prepared nothing
+    data.prepare()
+    assert data.num_classes == 2 and data.vocab_size > 2
+
+
 def test_tokenizer_is_trained_on_train_only(tmp_path):
     train = write_csv(tmp_path / "train.csv", make_examples(60))
     test_rows = [{"text": "zyzzyva unseenword", "label": "positive"}] * 4
     test = write_csv(tmp_path / "test.csv", test_rows)
     data = TextDataModule(train_file=str(train), test_file=str(test))
+    data.prepare()
     vocab = data.tokenizer().get_vocab()
     assert "zyzzyva" not in vocab and "unseenword" not in vocab
 

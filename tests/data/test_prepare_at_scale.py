@@ -12,7 +12,7 @@ from nlprnn.data.datamodule import TextDataModule
 
 
 def prepared_rows(data: TextDataModule) -> dict[str, list]:
-    data.setup()
+    data.prepare()
     return {s: data.splits[s].with_format("arrow")[:].to_pylist() for s in data.splits}
 
 
@@ -46,6 +46,7 @@ def test_preparing_and_loading_never_read_a_whole_column_into_python(tmp_path, m
 
 def test_meta_records_class_counts_of_the_training_split(tiny_csv):
     data = TextDataModule(train_file=str(tiny_csv))
+    data.prepare()
     assert data.class_counts == [80, 80]  # 160 training rows, half of each label
     assert json.loads((data.prepared_dir / "meta.json").read_text())["class_counts"] == [80, 80]
     assert data.vocabulary[:2] == ["[PAD]", "[UNK]"] and len(data.vocabulary) == data.vocab_size
@@ -54,7 +55,7 @@ def test_meta_records_class_counts_of_the_training_split(tiny_csv):
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_loaders_cover_each_split_once(tiny_csv, batch_size):
     data = TextDataModule(train_file=str(tiny_csv), batch_size=batch_size)
-    data.setup()
+    data.prepare()
     sizes = json.loads((data.prepared_dir / "meta.json").read_text())["sizes"]
     for split, loader in [("train", data.train_dataloader()), ("test", data.test_dataloader())]:
         assert sum(len(batch["labels"]) for batch in loader) == sizes[split]

@@ -27,6 +27,7 @@ def test_each_kind_is_trained_on_the_training_split_only(kind, train_and_test):
     train, test = train_and_test
     config = TokenizerConfig(kind=kind, vocab_size=2000)
     data = TextDataModule(train_file=str(train), validation_file=str(train), test_file=str(test), tokenizer=config)
+    data.prepare()
     vocab = data.tokenizer().get_vocab()
     # Even a subword alphabet holds no character that only the test split has.
     assert not set("4711ǭǯ") & set("".join(vocab)), sorted(vocab)
@@ -76,7 +77,7 @@ def test_max_length_cuts_counts_and_is_saved(kind, tmp_path):
     rows[0]["text"] = " ".join(["good film"] * 40)  # 80 words
     path = write_csv(tmp_path / "long.csv", rows)
     data = TextDataModule(train_file=str(path), tokenizer=TokenizerConfig(kind=kind, vocab_size=100), max_length=12)
-    data.setup()
+    data.prepare()
     longest = max(int(data.splits[s].with_format("numpy")[:]["length"].max()) for s in data.splits)
     assert longest == 12
     meta = json.loads((data.prepared_dir / "meta.json").read_text())
@@ -88,6 +89,7 @@ def test_an_existing_tokenizer_file_is_used_as_it_is(tmp_path, tiny_csv):
     own = train_tokenizer(["alpha beta gamma delta"] * 3, TokenizerConfig(vocab_size=50))
     own.save(str(tmp_path / "tokenizer.json"))
     data = TextDataModule(train_file=str(tiny_csv), tokenizer=TokenizerConfig(file=str(tmp_path / "tokenizer.json")))
+    data.prepare()
     assert data.tokenizer().get_vocab() == own.get_vocab()
     assert data.vocab_size == own.get_vocab_size()
 

@@ -86,6 +86,7 @@ def fit_tiny(model: TextClassifier, data: TextDataModule, tmp_path, **trainer_kw
 
 def test_training_starts_from_the_vectors_frozen_and_reloads_without_them(fake_vectors, tiny_csv, tmp_path, monkeypatch):
     data = TextDataModule(train_file=str(tiny_csv), batch_size=16)
+    data.prepare()
     model = tiny_model(vocab_size=data.vocab_size, num_classes=2, pretrained_vectors="glove-6b-50d", freeze_embedding=True)
     assert not model.embedding.weight.requires_grad
     trainer = fit_tiny(model, data, tmp_path)
@@ -110,6 +111,7 @@ def test_balanced_class_weights_come_from_the_training_counts(tmp_path):
     rows = [r for i, r in enumerate(rows) if r["label"] == "positive" or i % 6 == 1]  # about 6:1
     path = write_csv(tmp_path / "skewed.csv", rows)
     data = TextDataModule(train_file=str(path), batch_size=16)
+    data.prepare()
     counts = data.class_counts
     assert sum(counts) == json.loads((data.prepared_dir / "meta.json").read_text())["sizes"]["train"]
     model = tiny_model(vocab_size=data.vocab_size, num_classes=2, class_weights="balanced")

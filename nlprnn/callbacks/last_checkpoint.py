@@ -1,0 +1,49 @@
+"""LastCheckpoint: last.ckpt every N steps, at each epoch end and on SIGTERM, never from a diverged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from nlprnn.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossGuard
+
+
+class LastCheckpoint(Callback):
+    """Keeps `<dirpath>/last.ckpt` current.
+
+    Writes it every `every_n_steps` optimizer steps (0: not within epochs), at each epoch end (after
+    validation) and when SIGTERM stops the run; `guard` is checked before every write.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int = 0, guard: NonFiniteLossGuard | None = None) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self.guard = guard
+        self._saved_step = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if self.guard is not None:
+            self.guard.check(trainer)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state, said so: no log line
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._saved_step:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException between two batches, so the state is consistent.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            try:
+                self.save(trainer)
+            except NonFiniteLoss:
+                pass  # keep the earlier, finite last.ckpt
