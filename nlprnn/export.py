@@ -33,6 +33,7 @@ from torch import nn
 
 import nlprnn
 from nlprnn.atomic import publishing
+from nlprnn.calibration import temperature_of
 from nlprnn.data.datamodule import CHECKPOINT_FORMAT, TextDataModule
 from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer, tokenizer_from_json
 from nlprnn.deploy.bundle import (
@@ -40,6 +41,7 @@ from nlprnn.deploy.bundle import (
 )
 from nlprnn.errors import ReportedError, UserError, exit_on_reported_error
 from nlprnn.models.classifier import TextClassifier
+from nlprnn.quantize import QUANTIZATIONS, Validation, quantize_bundle, validation_split
 
 TOLERANCE = 1e-4  # largest accepted |logit(ONNX) - logit(PyTorch)|
 OPSET = 17
@@ -142,13 +144,17 @@ def export_model(
     test_metrics: dict[str, float] | None = None,
     overwrite: bool = False,
     example_length: int = EXAMPLE_LENGTH,
+    quantize: str | None = None,
+    validation: Validation | None = None,
+    temperature: float = 1.0,
 ) -> Path:
     """Write the bundle of `model` to folder `out`, checked with onnxruntime; return `out`.
 
     Everything is written into a scratch folder beside `out` that becomes `out` only once the check
     has passed, so a failure leaves nothing half-written. `model` is moved to the CPU in float32 and
     left in eval mode. `tokenizer` is a tokenizer.json file or a tokenizer (whose padding and
-    truncation are then changed).
+    truncation are then changed). With `quantize="int8"` the checked float model is quantized and
+    judged on `validation` (see nlprnn.quantize).
     """
     out = Path(out)
     _check_destination(out, overwrite)
@@ -159,6 +165,10 @@ def export_model(
     _check_matches(model, tokenizer, labels, tokenizer_name)
     if max_length < 1:
         raise UserError(f"max_length must be at least 1, not {max_length}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if quantize is not None and validation is None:
+        raise UserError(f"{quantize} needs validation texts to check the quantized model on")
     unk_id = tokenizer.token_to_id(UNK)
     manifest = Manifest(
         max_length=max_length,
@@ -166,6 +176,7 @@ def export_model(
         unk_id=int(unk_id if unk_id is not None else model.hparams.pad_id),
         encoder=encoder_summary(model),
         test_metrics=test_metrics,
+        temperature=float(temperature),
         nlprnn_version=nlprnn.__version__,
     )
     with publishing(out, replace=True) as scratch:
@@ -182,6 +193,8 @@ def export_model(
                 f"the ONNX model's logits differ from PyTorch's by {difference:.3g} (tolerance {TOLERANCE:g}); "
                 f"no bundle was written to {out}"
             )
+        if quantize is not None:
+            quantize_bundle(scratch, validation, out)
     return out
 
 
@@ -199,11 +212,15 @@ def export_checkpoint(
     out: str | Path | None = None,
     overwrite: bool = False,
     max_length: int | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Export a checkpoint (or a run folder's best.ckpt) to a bundle; return its folder.
 
     Labels, tokenizer and max_length come from the checkpoint, or from its run folder when it predates
-    checkpoints that carry them; a metrics.json beside best.ckpt gives the manifest its test metrics.
+    checkpoints that carry them; a metrics.json beside best.ckpt gives the manifest its test metrics, and
+    the temperature nlprnn.fit calibrated (kept with the labels) its temperature.
+    With `quantize="int8"` the validation split named by the checkpoint's data settings checks the
+    quantized model, loaded before anything is written.
     """
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -230,7 +247,14 @@ def export_checkpoint(
         if max_length is None:
             max_length = _training_max_length(run_dir)
     metrics = _read_json(run_dir / "metrics.json") if checkpoint.name == BEST and (run_dir / "metrics.json").is_file() else None
-    return export_model(model, out, tokenizer, labels, max_length, metrics, overwrite)
+    validation = None
+    if quantize is not None:
+        if saved is None:
+            raise UserError(f"{quantize} needs the validation split to check the quantized model on, and {checkpoint} "
+                            "carries no data settings (it was written by an older nlprnn)")
+        validation = validation_split(saved["data"], labels)
+    return export_model(model, out, tokenizer, labels, max_length, metrics, overwrite, quantize=quantize,
+                        validation=validation, temperature=temperature_of(saved and saved.get("calibration")))
 
 
 def checkpoint_data(path: Path) -> dict[str, Any] | None:
@@ -325,13 +349,17 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens a text is cut to (default: as in training, from the checkpoint)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="store weights as int8 (onnxruntime dynamic quantization); the bundle is written only "
+                        "if its labels agree with the float model's on the checkpoint's validation split")
     return parser.parse_args(args)
 
 
 def main(args: list[str] | None = None) -> Path:
     options = parse_args(args)
     with exit_on_reported_error("nlprnn.export"):
-        out = export_checkpoint(options.checkpoint, options.out, options.overwrite, options.max_length)
+        out = export_checkpoint(options.checkpoint, options.out, options.overwrite, options.max_length,
+                                options.quantize)
     print(f"bundle written to {out}")
     return out
 

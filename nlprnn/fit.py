@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Trainer
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn import slurm, tracking
 from nlprnn.atomic import write_json, write_text
+from nlprnn.callbacks.calibration import CalibrationReport
 from nlprnn.callbacks.checkpoint_io import AtomicCheckpointIO
 from nlprnn.callbacks.last_checkpoint import LastCheckpoint
 from nlprnn.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossGuard
@@ -62,6 +64,9 @@ class FitCLI(LightningCLI):
         parser.add_argument("--baseline", type=bool, default=True,
                             help="Also train TF-IDF + logistic regression on the same training split and report its "
                                  "test accuracy and macro-F1 beside the model's.")
+        parser.add_argument("--calibrate", type=bool, default=True,
+                            help="After training, fit a temperature on the validation split that calibrates the "
+                                 "model's probabilities (it changes no prediction); false keeps temperature 1.")
         for attribute in ("vocab_size", "num_classes", "pad_id", "typical_length"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
 
@@ -93,7 +98,7 @@ class FitCLI(LightningCLI):
         ))
         guard = NonFiniteLossGuard()  # checked before last.ckpt is written, so it comes first
         callbacks += [guard, LastCheckpoint(self.run_dir, self.config.checkpoint_every_n_steps, guard),
-                      RestoreLoaderPosition(), ConfusionMatrixReport(self.run_dir)]
+                      RestoreLoaderPosition(), ConfusionMatrixReport(self.run_dir), CalibrationReport(self.run_dir)]
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -189,10 +194,15 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return {"best_val_acc": float("nan") if score is None else float(score)}
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    if cli.config.calibrate:
+        calibrate(cli, trainer.checkpoint_callback.best_model_path if best else None)
     results = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)
     metrics = {name: float(value) for name, value in results[0].items()}
     if trainer.is_global_zero:
         summary = f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}"
+        if "test_ece" in metrics:
+            summary += (f", ECE {metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} "
+                        f"(temperature {metrics['temperature']:.3f})")
         if cli.config.baseline:
             from nlprnn.baseline import fit_baseline  # scikit-learn only when the baseline runs
             from nlprnn.data.sources import load_splits
@@ -206,6 +216,36 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         write_json(cli.run_dir / "metrics.json", metrics)
         print(f"{summary}; run folder {cli.run_dir}")
     return metrics
+
+
+def calibrate(cli: FitCLI, checkpoint: str | None) -> None:
+    """Fit the temperature on the validation logits of `checkpoint` (None: the model as it is) and keep it.
+
+    It goes into the data module's checkpoint state ("calibration"), beside the labels and tokenizer an
+    export reads, and into `checkpoint` itself, so that the test below and nlprnn.export both use it.
+    One process fits it on the whole validation split; the others receive it.
+    """
+    from torch.utils.data import DataLoader
+
+    from nlprnn.calibration import collect_logits, fit_temperature, store_calibration
+    from nlprnn.data.batching import Collate, TokenizedSplit
+
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    temperature = 1.0
+    if trainer.is_global_zero:
+        if checkpoint:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        loader = DataLoader(TokenizedSplit(data.splits["validation"]), collate_fn=Collate(data.pad_id),
+                            batch_sampler=data.batch_sampler("validation", shuffle=False))
+        device = trainer.strategy.root_device
+        logits, labels = collect_logits(model.to(device), loader, device)
+        model.cpu()  # where Lightning leaves a model after fit; the test moves it again
+        temperature = fit_temperature(logits, labels)
+    temperature = float(trainer.strategy.broadcast(temperature, src=0))
+    data.calibration = {"method": "temperature", "temperature": temperature}
+    if checkpoint and trainer.is_global_zero:
+        store_calibration(Path(checkpoint), type(data).__qualname__, data.calibration)
+    trainer.strategy.barrier()  # the test reloads the checkpoint on every process
 
 
 def report_stop(cli: FitCLI) -> None:

@@ -15,6 +15,7 @@ import torch
 import nlprnn.export as export
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.deploy import Predictor
+from nlprnn.deploy.bundle import read_bundle
 from nlprnn.deploy.predictor import make_session
 from nlprnn.export import ExportCheckFailed, checkpoint_data, export_model, export_onnx, load_checkpoint
 from nlprnn.models.classifier import TextClassifier
@@ -260,7 +261,15 @@ def test_checkpoints_carry_labels_tokenizer_and_data_settings(run_dir, name):
     data = saved["data"]
     assert data["max_length"] == 40 and data["text_column"] == "text" and data["label_column"] == "label"
     assert Path(data["train_file"]).name == "tiny.csv"
-    assert saved["calibration"] is None
+    if name == "last.ckpt":
+        assert saved["calibration"] is None  # written before the temperature was fitted
+    else:
+        assert saved["calibration"]["method"] == "temperature" and saved["calibration"]["temperature"] > 0
+
+
+def test_the_bundle_carries_the_checkpoints_temperature(run_dir):
+    temperature = checkpoint_data(run_dir / "best.ckpt")["calibration"]["temperature"]
+    assert read_bundle(run_dir / "bundle").manifest.temperature == temperature
 
 
 def test_a_lone_checkpoint_exports_like_its_run_folder(run_dir, tmp_path):
@@ -287,8 +296,8 @@ def test_a_lone_checkpoint_exports_like_its_run_folder(run_dir, tmp_path):
         predictor = Predictor(bundle, threads=1)
         assert predictor.labels == expected.labels
         assert [p[0] for p in predictor.predict(texts)] == [p[0] for p in expected.predict(texts)]
-        np.testing.assert_allclose(predictor.score(texts).probabilities, expected.score(texts).probabilities,
-                                   rtol=0, atol=1e-6)
+        # logits: the old checkpoint carries no temperature, so its probabilities are the plain softmax
+        np.testing.assert_allclose(predictor.score(texts).logits, expected.score(texts).logits, rtol=0, atol=1e-6)
 
 
 def test_resuming_with_other_labels_is_refused(tiny_csv):

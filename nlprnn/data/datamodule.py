@@ -75,6 +75,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.splits: dict = {}
         self._meta: dict | None = None
+        self.calibration: dict | None = None  # of the model's probabilities; set after training (nlprnn.fit)
 
     # --- what the data tells the model (read by LightningCLI.link_arguments) ---
 
@@ -225,14 +226,15 @@ class TextDataModule(L.LightningDataModule):
 
         Lightning saves it in every checkpoint under the class name ("TextDataModule"); nlprnn.export
         reads it there, and the run folder's labels.json and tokenizer.json are written from it.
-        "calibration" is kept for a calibration of the model's probabilities; None until one is fitted.
+        "calibration" holds the model's probability calibration ({"method": "temperature", "temperature": T},
+        see nlprnn.calibration); None until one is fitted.
         """
         return {
             "format": CHECKPOINT_FORMAT,
             "labels": list(self.labels),
             "tokenizer": self.tokenizer_file.read_bytes().decode("utf-8"),  # truncates at max_length
             "data": {**asdict(self.source), "max_length": int(self.meta["max_length"])},  # named as data.* options
-            "calibration": None,
+            "calibration": self.calibration,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,6 +243,7 @@ class TextDataModule(L.LightningDataModule):
         saved = state_dict.get("labels")
         if saved is not None and list(saved) != self.labels:
             raise UserError(f"the checkpoint was trained on the labels {list(saved)}, but this data has {self.labels}")
+        self.calibration = state_dict.get("calibration")  # a tested checkpoint's probabilities use its own
 
     # --- loaders ---
 

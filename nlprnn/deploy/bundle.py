@@ -3,7 +3,8 @@
     model.onnx      inputs  input_ids (batch, time) int64: real tokens first, then padding
                             lengths   (batch,)      int64: real tokens per row, 1 <= length <= time
                     outputs logits        (batch, classes) float32
-                            probabilities (batch, classes) float32, softmax of the logits
+                            probabilities (batch, classes) float32, softmax of the logits (before the
+                                          manifest's temperature, which Predictor applies)
     tokenizer.json  the Hugging Face `tokenizers` tokenizer the model was trained with
     labels.json     the label names, in the order of the model's outputs
     nlprnn.json     the manifest: format version, max_length, padding and unknown-token ids,
@@ -41,6 +42,10 @@ class Manifest:
         unk_id: the token id a text without any token is read as.
         encoder: how the network is built (cell, layers, direction, pooling, widths), for the record.
         test_metrics: the checkpoint's test-split metrics, when known.
+        temperature: calibrated probabilities are softmax(logits / temperature), fitted on the validation
+            split after training (nlprnn.calibration); 1.0: the plain softmax.
+        quantization: how the weights were quantized and what it cost on the validation split
+            ({"type": "int8", "label_agreement", "accuracy_float", "accuracy_int8", ...}); None: float.
         nlprnn_version: the nlprnn version that wrote the bundle.
         format_version: the bundle layout version.
     """
@@ -50,6 +55,8 @@ class Manifest:
     unk_id: int
     encoder: dict[str, Any] = field(default_factory=dict)
     test_metrics: dict[str, float] | None = None
+    temperature: float = 1.0
+    quantization: dict[str, Any] | None = None
     nlprnn_version: str = ""
     format_version: int = BUNDLE_FORMAT
 
@@ -105,6 +112,9 @@ def _read_manifest(path: Path) -> Manifest:
         value = data.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "max_length" else 0):
             raise UserError(f"{path} has no valid {key}; export the bundle again")
+    temperature = data.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise UserError(f"{path} has no valid temperature (a positive number); export the bundle again")
     known = {key: data[key] for key in Manifest.__dataclass_fields__ if key in data}
     return Manifest(**known)
 

@@ -68,6 +68,7 @@ class Predictor:
         self.max_length = self.bundle.manifest.max_length
         self.pad_id = self.bundle.manifest.pad_id
         self.unk_id = self.bundle.manifest.unk_id
+        self.temperature = float(self.bundle.manifest.temperature)
         self.batch_size = batch_size
         try:
             self.tokenizer = load_tokenizer(self.bundle.tokenizer_file)
@@ -115,7 +116,21 @@ class Predictor:
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One model call: (B, T) ids and (B,) lengths -> (B, classes) logits and probabilities."""
         logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: lengths})
+        if self.temperature != 1.0:  # the model's own output is the plain softmax; calibration divides first
+            probabilities = softmax(logits / np.float32(self.temperature))
         return logits, probabilities
+
+    def explain(self, texts: Sequence[str]) -> list[Explanation]:  # noqa: F821 (imported on use, below)
+        """Each text's prediction with every word's contribution; see `nlprnn.deploy.explain`."""
+        from nlprnn.deploy.explain import explain  # the explainer imports this module
+
+        return explain(self, texts)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, C) logits -> (N, C) probabilities, in the logits' dtype."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))  # no overflow: the largest is exp(0)
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def _as_text(text: object) -> str:

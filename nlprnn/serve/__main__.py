@@ -1,6 +1,8 @@
 """python -m nlprnn.serve BUNDLE: an HTTP service classifying texts with an exported bundle.
 
     POST /v1/classify  {"texts": ["...", ...]}  ->  {"results": [{"label": ..., "probabilities": {...}}, ...]}
+    POST /v1/explain   the same, each result with "explanation": [{"word", "start", "end", "contribution"}, ...]
+    GET  /             a page to try the model in a browser
     GET  /healthz, /readyz, /metrics (Prometheus), /docs and /openapi.json
 
 Concurrent requests are batched dynamically (see `nlprnn.serve.batcher`). On SIGTERM or Ctrl-C the

@@ -1,4 +1,5 @@
-"""The HTTP API: classify, health, readiness, metrics and the OpenAPI document, over one dynamic batcher.
+"""The HTTP API: classify, explain, a page to try the model, health, readiness, metrics and the OpenAPI
+document, over one dynamic batcher.
 
 Every error is answered with a status code and a one-line JSON body {"error": "..."}:
 400 malformed JSON, 413 a body, request or text over its limit, 422 a body of the wrong shape,
@@ -14,13 +15,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from nlprnn import __version__
@@ -33,7 +36,13 @@ from nlprnn.serve.schema import ApiError, error_response, json_response, openapi
 
 log = logging.getLogger("nlprnn.serve")
 CLASSIFY = "/v1/classify"
-ENDPOINTS = (CLASSIFY, "/healthz", "/readyz", "/metrics", "/openapi.json")
+EXPLAIN = "/v1/explain"
+PAGE = files("nlprnn.serve").joinpath("page.html").read_text(encoding="utf-8")  # shipped as package data
+ENDPOINTS = (CLASSIFY, EXPLAIN, "/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+
+# Explaining a text runs it and one variant per word through the model (up to max_length rows), so it
+# counts as this many texts waiting: explains cannot hold the model's thread much longer than a full queue.
+EXPLAIN_COST = 8
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,8 @@ class ServeSettings:
         max_batch_size: most texts per model call.
         max_wait_ms: longest time a text waits for its batch to fill.
         max_queue: most texts waiting at once; a request that would go beyond gets 503. It bounds the
-            time a text waits (here about 0.1 s at full load) and the memory the queue can hold.
+            time a text waits (here about 0.1 s at full load) and the memory the queue can hold. A text
+            being explained takes `EXPLAIN_COST` places until its explanation is done.
         max_texts: most texts in one request (413 beyond).
         max_chars: most characters in one text (413 beyond).
         max_body_bytes: largest request body (413 beyond).
@@ -104,7 +114,8 @@ def create_app(
         if on_ready is not None:
             await on_ready()
 
-    async def classify(request: Request) -> Response:
+    async def accepted_texts(request: Request) -> list[str]:
+        """The request's texts once they are within the limits and the model is warm."""
         texts = parse_texts(await request.body())
         if len(texts) > settings.max_texts:
             raise ApiError(413, f"{len(texts)} texts in one request; at most {settings.max_texts} are accepted")
@@ -113,15 +124,36 @@ def create_app(
                 raise ApiError(413, f"texts[{i}] has {len(text)} characters; at most {settings.max_chars} are accepted")
         if not ready.is_set():
             raise ApiError(503, "not ready: the model is warming up", retry=True)
+        return texts
+
+    async def answered(work: Awaitable[Any]) -> Any:
+        """The batcher's answer, its refusals turned into API errors."""
         try:
-            predictions = await batcher.classify(texts, settings.timeout_s)
+            return await work
         except QueueFull:
             raise ApiError(503, "busy: the queue is full; retry later", retry=True) from None
         except ShuttingDown:
             raise ApiError(503, "shutting down", retry=True) from None
         except DeadlineExceeded:
             raise ApiError(504, f"not answered within {settings.timeout_s:g} s") from None
+
+    async def classify(request: Request) -> Response:
+        texts = await accepted_texts(request)
+        predictions = await answered(batcher.classify(texts, settings.timeout_s))
         return json_response({"results": [{"label": label, "probabilities": p} for label, p in predictions]})
+
+    async def explain(request: Request) -> Response:
+        texts = await accepted_texts(request)
+        if not texts:
+            return json_response({"results": []})
+        # On the model's thread, between batches: the session is never run by two threads at once.
+        cost = min(EXPLAIN_COST * len(texts), settings.max_queue)  # a request within max_texts can always run alone
+        explanations = await answered(batcher.run_alone(
+            predictor.explain, texts, cost=cost, timeout_s=settings.timeout_s))
+        return json_response({"results": [explanation.to_json() for explanation in explanations]})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE)
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -149,7 +181,8 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route(CLASSIFY, classify, methods=["POST"]),
+            Route(CLASSIFY, classify, methods=["POST"]), Route(EXPLAIN, explain, methods=["POST"]),
+            Route("/", page),
             Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", prometheus),
             Route("/openapi.json", openapi_json),
         ],

@@ -4,7 +4,8 @@ A request's texts wait in one bounded FIFO queue. One task takes them out in bat
 when it holds `max_batch_size` texts, or when its oldest text has waited `max_wait_s`; while one batch
 runs, the next gathers, so under load batches fill without waiting. The model runs in one worker
 thread, off the event loop (onnxruntime spreads each call over the cores itself), and the `Predictor`
-sorts each batch's texts by length so that similar lengths are padded together.
+sorts each batch's texts by length so that similar lengths are padded together. Other work on the
+model (an explanation) runs on the same thread through `run_alone`, between batches, never beside one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 Result = TypeVar("Result")
+Value = TypeVar("Value")
 
 
 class QueueFull(Exception):
@@ -106,6 +108,36 @@ class Batcher(Generic[Result]):
                 self._withdraw(piece)
             raise DeadlineExceeded from None
         return [result for part in parts for result in part]
+
+    async def run_alone(self, fn: Callable[..., Value], *args: object, cost: int, timeout_s: float) -> Value:
+        """`fn(*args)` on the model's thread, after the batch running now and before the next one.
+
+        It takes `cost` places in the queue from submission until it has finished (past its deadline
+        too, as a call that has started cannot be stopped), so together with the queued texts it stays
+        within `max_queue`; raises QueueFull, ShuttingDown or DeadlineExceeded like `classify`.
+        """
+        if self._closing:
+            raise ShuttingDown
+        if self.queued_texts + cost > self.max_queue:
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        self.queued_texts += cost
+
+        def release(_: Future) -> None:  # runs on the worker thread, or here when cancelled before it started
+            try:
+                loop.call_soon_threadsafe(self._release, cost)
+            except RuntimeError:  # the loop has closed: nothing is counted any more
+                pass
+
+        job = self._worker.submit(fn, *args)
+        job.add_done_callback(release)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job), timeout_s)
+        except asyncio.TimeoutError:  # a job that has not started is cancelled with its wrapper and frees its places
+            raise DeadlineExceeded from None
+
+    def _release(self, cost: int) -> None:
+        self.queued_texts -= cost
 
     async def close(self) -> None:
         """Answer every queued text, then stop the worker; later requests get ShuttingDown."""

@@ -26,6 +26,21 @@ class ClassifyResponse(BaseModel):
     results: list[Result]
 
 
+class WordContribution(BaseModel):
+    word: str
+    start: int  # character offsets of the word in its text: text[start:end] == word
+    end: int
+    contribution: float  # above 0 it speaks for the label, below 0 against it
+
+
+class ExplainResult(Result):
+    explanation: list[WordContribution]
+
+
+class ExplainResponse(BaseModel):
+    results: list[ExplainResult]
+
+
 class ErrorBody(BaseModel):
     error: str
 
@@ -48,7 +63,7 @@ def error_response(status: int, message: str, retry: bool = False) -> Response:
 
 
 def parse_texts(body: bytes) -> list[str]:
-    """The texts of a classify body; 400 when it is not JSON, 422 when it is not {"texts": [str, ...]}.
+    """The texts of a classify or explain body; 400 when it is not JSON, 422 when it is not {"texts": [str, ...]}.
 
     The body is read as JSON whatever its Content-Type says: `curl -d` sends form-encoded.
     """
@@ -74,12 +89,23 @@ ERRORS = {
 def openapi(title: str, version: str, description: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the API, its schemas taken from the pydantic models above."""
     _, schemas = models_json_schema(
-        [(ClassifyRequest, "validation"), (ClassifyResponse, "serialization"), (ErrorBody, "serialization")],
+        [(ClassifyRequest, "validation"), (ClassifyResponse, "serialization"), (ExplainResponse, "serialization"),
+         (ErrorBody, "serialization")],
         ref_template="#/components/schemas/{model}",
     )
 
     def body(name: str) -> dict[str, Any]:
         return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    def texts_in(summary: str, answer: str, response: str) -> dict[str, Any]:
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, **body("ClassifyRequest")},
+            "responses": {
+                "200": {"description": answer, **body(response)},
+                **{str(code): {"description": text, **body("ErrorBody")} for code, text in ERRORS.items()},
+            },
+        }}
 
     def status(description: str) -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -88,13 +114,14 @@ def openapi(title: str, version: str, description: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "description": description},
         "paths": {
-            "/v1/classify": {"post": {
-                "summary": "Classify texts; results come in the order of `texts`.",
-                "requestBody": {"required": True, **body("ClassifyRequest")},
-                "responses": {
-                    "200": {"description": "One result per text.", **body("ClassifyResponse")},
-                    **{str(code): {"description": text, **body("ErrorBody")} for code, text in ERRORS.items()},
-                },
+            "/v1/classify": texts_in(
+                "Classify texts; results come in the order of `texts`.", "One result per text.", "ClassifyResponse"),
+            "/v1/explain": texts_in(
+                "Classify texts and say how much each word pushed toward the label; results in the order of `texts`.",
+                "One result per text, with the contribution of each of its words.", "ExplainResponse"),
+            "/": {"get": {
+                "summary": "A page to try the model in a browser.",
+                "responses": {"200": {"description": "HTML.", "content": {"text/html": {}}}},
             }},
             "/healthz": {"get": {"summary": "The process is up.", "responses": {"200": status("Alive.")}}},
             "/readyz": {"get": {

@@ -174,3 +174,68 @@ def test_a_request_that_gives_up_while_its_batch_gathers_is_left_out_of_it():
 
     assert run(main()) == [("patient", 1)]
     assert model.batches == [["patient"]]
+
+
+def test_run_alone_takes_places_in_the_queue_and_never_runs_beside_a_batch():
+    model = Model()
+    running = threading.Lock()  # held by whatever runs on the model's thread; a second holder would fail
+    overlaps: list[str] = []
+
+    def guarded(fn):
+        def call(*args):
+            if not running.acquire(blocking=False):
+                overlaps.append(fn.__name__)
+            try:
+                return fn(*args)
+            finally:
+                running.release()
+        return call
+
+    def explain(texts: list[str]) -> list[str]:
+        time.sleep(0.05)
+        return [text.upper() for text in texts]
+
+    async def main():
+        batcher = Batcher(guarded(model), max_batch_size=4, max_wait_s=0, max_queue=6)
+        batcher.start()
+        model.release.clear()  # the first batch holds the model's thread
+        first = asyncio.ensure_future(batcher.classify(["a"], timeout_s=5))
+        await asyncio.sleep(0.05)
+        alone = asyncio.ensure_future(batcher.run_alone(guarded(explain), ["b"], cost=5, timeout_s=5))
+        await asyncio.sleep(0)
+        assert batcher.queued_texts == 5
+        with pytest.raises(QueueFull):  # 5 places taken by the explanation, 2 more asked for
+            await batcher.classify(["c", "d"], timeout_s=5)
+        with pytest.raises(QueueFull):
+            await batcher.run_alone(explain, ["e"], cost=2, timeout_s=5)
+        later = asyncio.ensure_future(batcher.classify(["f"], timeout_s=5))
+        await asyncio.sleep(0.05)
+        model.release.set()
+        answers = await asyncio.gather(first, alone, later)
+        await asyncio.sleep(0)  # the places come back on the loop, after the job's done-callback
+        queued_after = batcher.queued_texts
+        await batcher.close()
+        with pytest.raises(ShuttingDown):
+            await batcher.run_alone(explain, ["g"], cost=1, timeout_s=5)
+        return answers, queued_after
+
+    (first, alone, later), queued_after = run(main())
+    assert first == [("a", 1)] and alone == ["B"] and later == [("f", 2)]
+    assert overlaps == [] and queued_after == 0
+
+
+def test_run_alone_past_its_deadline_gives_its_places_back_once_it_has_finished():
+    model = Model()
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=4, max_wait_s=0, max_queue=4)
+        batcher.start()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.run_alone(time.sleep, 0.3, cost=4, timeout_s=0.05)
+        held = batcher.queued_texts  # still running: its places stay taken
+        await asyncio.sleep(0.5)
+        freed = batcher.queued_texts
+        await batcher.close()
+        return held, freed
+
+    assert run(main()) == (4, 0)

@@ -5,86 +5,21 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from nlprnn.deploy import Predictor
 
 from deploy.tiny_bundles import LABELS, build_bundle
+from serve.server_process import REPO, Server
 
-REPO = Path(__file__).resolve().parents[2]
 TRAINING_MODULES = ("torch", "lightning", "torchmetrics", "jsonargparse", "datasets", "wandb", "onnx", "pandas")
-
-
-class Server:
-    """A server subprocess on a free loopback port; its stderr is collected line by line."""
-
-    def __init__(self, bundle: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "nlprnn.serve", str(bundle), "--port", "0", "--threads", "1", *flags]
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.port = self._wait_until_ready()
-
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
-
-    def _wait_until_ready(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if "ready on http://" in line:
-                return int(line.split("ready on http://")[1].split()[0].rsplit(":", 1)[1])
-        self.process.kill()
-        raise AssertionError(f"the server did not become ready: {''.join(self.stderr)}")
-
-    def request(self, method: str, path: str, body: bytes | str | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def classify(self, texts: object) -> tuple[int, dict[str, str], dict]:
-        status, headers, body = self.request("POST", "/v1/classify", json.dumps({"texts": texts}))
-        return status, headers, json.loads(body)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics, parsed by the Prometheus client's own parser."""
-        status, _, body = self.request("GET", "/metrics")
-        assert status == 200
-        samples = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return samples
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +59,41 @@ def test_health_readiness_and_the_openapi_schema(server):
     request_schema = classify["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert schema["components"]["schemas"][request_schema]["required"] == ["texts"]
     assert schema["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]["items"] == {"type": "string"}
-    assert {"/v1/classify", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    assert {"/v1/classify", "/v1/explain", "/", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+    explain = schema["paths"]["/v1/explain"]["post"]
+    assert set(explain["responses"]) == set(classify["responses"])
+    result = schema["components"]["schemas"]["ExplainResult"]
+    assert set(result["required"]) == {"label", "probabilities", "explanation"}
+    word = schema["components"]["schemas"]["WordContribution"]
+    assert set(word["required"]) == {"word", "start", "end", "contribution"}
+
+
+def test_explain_answers_each_texts_prediction_and_the_contribution_of_each_word(server, bundle):
+    texts = ["good movie, awful plot", "", "café  ünïcode 🎬 great"]
+    status, headers, raw = server.request("POST", "/v1/explain", json.dumps({"texts": texts}))
+    assert status == 200 and headers["content-type"] == "application/json"
+    results = json.loads(raw)["results"]
+    expected = Predictor(bundle, threads=1).explain(texts)
+    assert [result["label"] for result in results] == [explanation.label for explanation in expected]
+    for text, result, explanation in zip(texts, results, expected):
+        assert list(result) == ["label", "probabilities", "explanation"]
+        assert result["probabilities"] == pytest.approx(explanation.probabilities, abs=1e-6)
+        assert [(w["word"], w["start"], w["end"]) for w in result["explanation"]] == [
+            (w.word, w.start, w.end) for w in explanation.words]
+        assert [w["contribution"] for w in result["explanation"]] == pytest.approx(
+            [w.contribution for w in explanation.words], abs=1e-6)
+        assert all(text[w["start"] : w["end"]] == w["word"] for w in result["explanation"])
+    assert results[1]["explanation"] == []
+    status, _, raw = server.request("POST", "/v1/explain", '{"texts": []}')
+    assert status == 200 and json.loads(raw) == {"results": []}
+
+
+def test_the_page_is_served_self_contained(server):
+    status, headers, raw = server.request("GET", "/")
+    page = raw.decode()
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert 'id="text"' in page and 'id="classify"' in page and "/v1/explain" in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere: it works offline
 
 
 def test_a_body_without_a_json_content_type_is_read_as_json(server):
@@ -145,7 +114,13 @@ def test_a_body_without_a_json_content_type_is_read_as_json(server):
         ("POST", "/v1/classify", json.dumps({"texts": ["a"] * 5}), 413, "5 texts in one request; at most 4"),
         ("POST", "/v1/classify", json.dumps({"texts": ["ok", "x" * 51]}), 413, "texts[1] has 51 characters"),
         ("POST", "/v1/classify", json.dumps({"texts": ["word " * 500]}), 413, "the body is over 2000 bytes"),
+        ("POST", "/v1/explain", '{"texts": ["good"', 400, "not valid JSON"),
+        ("POST", "/v1/explain", '{"texts": ["good", null]}', 422, "texts.1: Input should be a valid string"),
+        ("POST", "/v1/explain", json.dumps({"texts": ["a"] * 5}), 413, "5 texts in one request; at most 4"),
+        ("POST", "/v1/explain", json.dumps({"texts": ["x" * 51]}), 413, "texts[0] has 51 characters"),
+        ("POST", "/v1/explain", json.dumps({"texts": ["word " * 500]}), 413, "the body is over 2000 bytes"),
         ("GET", "/v1/classify", None, 405, "Method Not Allowed"),
+        ("GET", "/v1/explain", None, 405, "Method Not Allowed"),
         ("GET", "/v2/classify", None, 404, "Not Found"),
     ],
 )
@@ -179,6 +154,9 @@ def test_metrics_count_requests_by_status_and_parse_as_prometheus_text(server):
     assert after[ok] - before.get(ok, 0) == 1 and after[too_large] - before.get(too_large, 0) == 1
     assert after["nlprnn_texts_classified_total"] - before.get("nlprnn_texts_classified_total", 0) == 2
     assert after["nlprnn_request_seconds_count"] - before["nlprnn_request_seconds_count"] == 2
+    server.request("POST", "/v1/explain", '{"texts": ["good"]}')
+    explained = server.metrics()["nlprnn_requests_total{endpoint=/v1/explain,status=200}"]
+    assert explained - before.get("nlprnn_requests_total{endpoint=/v1/explain,status=200}", 0) == 1
     for name in ("nlprnn_batch_size_count", "nlprnn_queue_texts", "nlprnn_texts_per_second"):
         assert name in after
     assert after["nlprnn_texts_per_second"] > 0

@@ -1,0 +1,166 @@
+"""Word-level explanations by occlusion: how much each word moves the probability of the predicted label.
+
+For a text, each word of the original text (as the tokenizer's pre-tokenizer splits it: words and runs of
+punctuation) is deleted in turn, and its contribution is p(label | text) - p(label | text without the word),
+where label is the prediction for the whole text. Positive: the word speaks for the label; negative: against it.
+
+A word is deleted rather than replaced by the unknown token: [UNK] is itself evidence to the model (it stands for
+every rare word of the training data, and those lean towards some labels), so a replacement would measure
+"this word versus a rare word" rather than "this word versus nothing". A text left with no token is read as one
+[UNK], as the Predictor reads an empty text.
+
+The text and all its variants go to the model in one call. Words past the bundle's max_length were never read,
+so they contribute 0; a variant is the tokens that were read less the word's, so no unread word slides into the
+window in its place and each contribution is about that word alone. Runs on onnxruntime, tokenizers and numpy, like the Predictor.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nlprnn.deploy.inputs import clean_text
+
+if TYPE_CHECKING:
+    from tokenizers import Encoding
+
+    from nlprnn.deploy.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class WordContribution:
+    """One word of the text: text[start:end] == word, and what deleting it takes from the label's probability."""
+
+    word: str
+    start: int
+    end: int
+    contribution: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A text's predicted label, the probability of every label, and each word's contribution in text order."""
+
+    label: str
+    probabilities: dict[str, float]
+    words: list[WordContribution]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "explanation": [
+                {"word": w.word, "start": w.start, "end": w.end, "contribution": w.contribution} for w in self.words
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class _Word:
+    start: int
+    end: int
+    positions: list[int]  # indices of its tokens among the tokens the model reads; empty past max_length
+
+
+def explain(predictor: Predictor, texts: Sequence[str]) -> list[Explanation]:
+    """Explain each text's prediction word by word; one model call per text (the text and one variant per word)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+    return [_explain_one(predictor, clean_text(_as_text(text))) for text in texts]
+
+
+def _explain_one(predictor: Predictor, text: str) -> Explanation:
+    encoding = predictor.tokenizer.encode(text)  # truncated to max_length; the rest is in .overflowing
+    ids = list(encoding.ids)
+    words = _words(encoding)
+    read = [w for w in words if w.positions]
+    rows = [ids or [predictor.unk_id]]
+    for word in read:
+        drop = set(word.positions)
+        rows.append([t for i, t in enumerate(ids) if i not in drop] or [predictor.unk_id])
+    _, probabilities = predictor.run(*predictor.pad(rows))  # (1 + words read, classes)
+    full = probabilities[0]
+    k = int(full.argmax())
+    drops = iter(float(full[k]) - probabilities[1:, k].astype(np.float64))
+    return Explanation(
+        label=predictor.labels[k],
+        probabilities={label: float(p) for label, p in zip(predictor.labels, full)},
+        words=[
+            WordContribution(text[w.start : w.end], w.start, w.end, float(next(drops)) if w.positions else 0.0)
+            for w in words
+        ],
+    )
+
+
+def _words(encoding: Encoding) -> list[_Word]:
+    """The words of the text in order, with the positions of the tokens of each that the model reads.
+
+    A word's span runs from its first token's start to its last token's end, in characters of the original text.
+    """
+    spans: dict[int, list[int]] = {}  # word id -> [start, end]
+    positions: dict[int, list[int]] = {}
+    parts = [encoding, *encoding.overflowing]  # overflowing: the tokens past max_length, same word ids
+    for part_index, part in enumerate(parts):
+        for position, (word_id, (start, end)) in enumerate(zip(part.word_ids, part.offsets)):
+            if word_id is None:  # a special token added by a post-processor; no word of the text
+                continue
+            span = spans.setdefault(word_id, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+            positions.setdefault(word_id, [])
+            if part_index == 0:
+                positions[word_id].append(position)
+    return [_Word(spans[i][0], spans[i][1], positions[i]) for i in sorted(spans, key=lambda i: spans[i][0])]
+
+
+def _as_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"texts must be strings, not {type(text).__name__}")
+    return text
+
+
+def to_html(texts: Sequence[str], explanations: Sequence[Explanation]) -> str:
+    """A standalone HTML document: each text with its words shaded green (for the label) or red (against it)."""
+    return html_head() + "".join(html_section(t, e) for t, e in zip(texts, explanations)) + html_tail()
+
+
+def html_head() -> str:
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>nlprnn explanations</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}section{margin-bottom:1.5em}"
+        ".text{line-height:1.8;white-space:pre-wrap}.text span{border-radius:3px;padding:0 1px}"
+        "</style></head><body>\n"
+    )
+
+
+def html_tail() -> str:
+    return "</body></html>\n"
+
+
+def html_section(text: str, explanation: Explanation) -> str:
+    """One text: its label and probabilities, then the text with each word shaded by its contribution.
+
+    Shades are scaled to the text's largest contribution, so the strongest word is fully coloured; the exact
+    value is in each word's tooltip.
+    """
+    text = clean_text(text)
+    scale = max((abs(w.contribution) for w in explanation.words), default=0.0) or 1.0
+    pieces, cursor = [], 0
+    for w in explanation.words:
+        pieces.append(html.escape(text[cursor : w.start]))
+        alpha = abs(w.contribution) / scale
+        rgb = "0,160,0" if w.contribution >= 0 else "220,0,0"
+        pieces.append(
+            f'<span style="background:rgba({rgb},{alpha:.3f})" title="{w.contribution:+.4f}">'
+            f"{html.escape(text[w.start : w.end])}</span>"
+        )
+        cursor = w.end
+    pieces.append(html.escape(text[cursor:]))
+    probabilities = ", ".join(f"{html.escape(label)} {p:.3f}" for label, p in explanation.probabilities.items())
+    return (
+        f"<section><p><b>{html.escape(explanation.label)}</b> ({probabilities})</p>"
+        f"<div class=\"text\">{''.join(pieces)}</div></section>\n"
+    )

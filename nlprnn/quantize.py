@@ -1,0 +1,136 @@
+"""int8 bundles: onnxruntime dynamic quantization, accepted only when it keeps the float model's labels.
+
+`quantize_dynamic` stores weights as int8 and quantizes activations on the fly. What it changes in an
+exported classifier: every LSTM node becomes a DynamicQuantizeLSTM (a contrib op of onnxruntime's CPU
+provider, so the bundle needs nothing beyond onnxruntime), the head's Gemm becomes a MatMulInteger and
+the embedding table is stored as 8-bit and dequantized after its lookup. GRU and RNN nodes have no
+quantized kernel and stay float.
+
+A logit tolerance does not fit int8, so the quantized model is judged by how often it predicts the float
+model's label on the validation split the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nlprnn.errors import ReportedError, UserError
+
+QUANTIZATIONS = ("int8",)
+MIN_LABEL_AGREEMENT = 0.99  # share of validation texts whose int8 label must be the float label
+
+
+class QuantizationRefused(ReportedError):
+    """The int8 model's labels differ from the float model's too often (exit status 1)."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Labelled texts the int8 model is checked on; `labels` index the model's classes."""
+
+    texts: list[str]
+    labels: np.ndarray  # (N,) int64
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Write the dynamically int8-quantized copy of ONNX model `source` to `target`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+
+
+def validation_split(data: dict[str, Any], labels: Sequence[str]) -> Validation:
+    """The validation split described by a checkpoint's data settings (TextDataModule.state_dict()["data"]).
+
+    A `UserError` when the data cannot be loaded any more (an offline Hub dataset, moved files) or
+    no longer has the checkpoint's labels.
+    """
+    from nlprnn.data.sources import SourceSpec, load_splits
+
+    import datasets
+
+    spec = SourceSpec(**{f.name: data[f.name] for f in fields(SourceSpec) if f.name in data})
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # an export reports in one line; reading the split is a detail
+    try:
+        split = load_splits(spec)["validation"]
+    except UserError as err:
+        raise UserError(f"int8 needs the validation split to check the quantized model on, and it cannot be loaded: {err}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    names = split.features["label"].names
+    if list(names) != list(labels):
+        raise UserError(
+            f"int8 needs the validation split to check the quantized model on, but the training data now has the "
+            f"labels {list(names)}, not the checkpoint's {list(labels)}"
+        )
+    columns = split.with_format("numpy", columns=["label"])[:]
+    return Validation(list(split["text"]), np.asarray(columns["label"], dtype=np.int64))
+
+
+def compare(float_labels: np.ndarray, int8_labels: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """The manifest's `quantization` record: label agreement and both accuracies on the validation texts."""
+    return {
+        "type": "int8",
+        "label_agreement": float(np.mean(float_labels == int8_labels)),
+        "accuracy_float": float(np.mean(float_labels == truth)),
+        "accuracy_int8": float(np.mean(int8_labels == truth)),
+        "validation_texts": int(len(truth)),
+    }
+
+
+def predicted_labels(bundle: Path, texts: Sequence[str]) -> np.ndarray:
+    """(N,) class indices the bundle in folder `bundle` predicts for `texts`."""
+    from nlprnn.deploy.predictor import Predictor
+
+    return Predictor(bundle).score(texts).logits.argmax(axis=1)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """quantize_dynamic logs a pre-processing hint on the root logger; it does not apply to these graphs."""
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def quantize_bundle(scratch: Path, validation: Validation, out: Path) -> dict[str, Any]:
+    """Quantize the float bundle being written in folder `scratch` to int8, in place, and record what it cost.
+
+    Raises QuantizationRefused (naming `out`, where the bundle would have gone) when the int8 model's
+    labels agree with the float model's on fewer than MIN_LABEL_AGREEMENT of the validation texts.
+    """
+    import dataclasses
+    import os
+
+    from nlprnn.deploy.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
+
+    float_labels = predicted_labels(scratch, validation.texts)
+    quantize_int8(scratch / MODEL_FILE, scratch / "model.int8.onnx")
+    os.replace(scratch / "model.int8.onnx", scratch / MODEL_FILE)
+    record = compare(float_labels, predicted_labels(scratch, validation.texts), validation.labels)
+    if not record["label_agreement"] >= MIN_LABEL_AGREEMENT:
+        raise QuantizationRefused(
+            f"the int8 model predicts the float model's label on only {record['label_agreement']:.2%} of "
+            f"{record['validation_texts']} validation texts (at least {MIN_LABEL_AGREEMENT:.0%} required); "
+            f"no bundle was written to {out}"
+        )
+    manifest = read_bundle(scratch).manifest
+    (scratch / MANIFEST_FILE).write_text(dataclasses.replace(manifest, quantization=record).to_json())
+    return record
