@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +15,9 @@ from nlprnn.deploy.inputs import clean_text
 from nlprnn.errors import UserError
 from nlprnn.padding import pad_rows
 from nlprnn.threads import available_cores
+
+if TYPE_CHECKING:  # the explainer imports this module, so it is imported where it is used
+    from nlprnn.deploy.explain import Explanation
 
 Prediction = tuple[str, dict[str, float]]  # (label, {label: probability})
 
@@ -120,7 +123,7 @@ class Predictor:
             probabilities = softmax(logits / np.float32(self.temperature))
         return logits, probabilities
 
-    def explain(self, texts: Sequence[str]) -> list[Explanation]:  # noqa: F821 (imported on use, below)
+    def explain(self, texts: Sequence[str]) -> list[Explanation]:
         """Each text's prediction with every word's contribution; see `nlprnn.deploy.explain`."""
         from nlprnn.deploy.explain import explain  # the explainer imports this module
 
