@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import random
+import sys
+from types import ModuleType
 from pathlib import Path
 from typing import get_args
 
@@ -73,3 +76,15 @@ def tiny_csv(tmp_path) -> Path:
 def shared_cache(tmp_path_factory) -> Path:
     """A cache that survives across tests, for the real dataset (fetched once per session)."""
     return tmp_path_factory.mktemp("shared-cache")
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

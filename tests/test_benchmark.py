@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_examples, write_csv
+from conftest import SCRIPTS, load_script, make_examples, write_csv
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "benchmark.py"
 
 
 @pytest.mark.parametrize(
@@ -32,7 +23,7 @@ def test_flops_count_every_gate_of_every_layer_and_direction(cell, gates):
     shape = {"cell": cell, "embedding_dim": 10, "hidden_size": 6, "num_layers": 3, "directions": 2}
     # layer 1 reads the 10-wide embedding, layers 2 and 3 the 12-wide output below; 2 FLOPs per multiply-add
     per_direction = sum(2 * gates * 6 * (width + 6) for width in (10, 12, 12))
-    assert load_script().flops_per_token(shape) == 2 * per_direction
+    assert load_script("benchmark").flops_per_token(shape) == 2 * per_direction
 
 
 def finite_positive(value) -> bool:

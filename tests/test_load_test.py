@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -21,15 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "load_test.py"
+from conftest import SCRIPTS, load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("load_test_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "load_test.py"
 
 
 # --- a toy server -----------------------------------------------------------------------------------
@@ -184,7 +177,7 @@ def toy_main() -> None:
 
 
 def test_percentile_interpolates_as_numpy_does():
-    lt = load_script()
+    lt = load_script("load_test")
     values = sorted(np.random.default_rng(0).exponential(size=101).tolist())
     for q in (0, 1, 50, 95, 99, 99.9, 100):
         assert lt.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
@@ -193,7 +186,7 @@ def test_percentile_interpolates_as_numpy_does():
 
 
 def test_summarize_counts_by_start_and_throughput_by_completion():
-    lt = load_script()
+    lt = load_script("load_test")
     records = [
         (0.5, 1.5, 200, 2),  # warm-up request finishing inside the window: throughput only
         (1.0, 1.1, 200, 1),
@@ -217,7 +210,7 @@ def test_summarize_counts_by_start_and_throughput_by_completion():
 
 
 def test_metrics_are_summed_over_labels_and_give_the_mean_batch():
-    lt = load_script()
+    lt = load_script("load_test")
     before = lt.metric_totals("nlprnn_batch_size_sum 10\nnlprnn_batch_size_count 5\n")
     after = lt.metric_totals(
         "# HELP nlprnn_batch_size texts per batch\n# TYPE nlprnn_batch_size histogram\n"
@@ -233,7 +226,7 @@ def test_metrics_are_summed_over_labels_and_give_the_mean_batch():
 
 
 def test_texts_per_request_is_a_number_or_a_range():
-    lt = load_script()
+    lt = load_script("load_test")
     assert lt.texts_range("4") == (4, 4)
     assert lt.texts_range("1-8") == (1, 8)
     for bad in ("0", "8-1", "a", "1-"):
@@ -254,7 +247,7 @@ def test_texts_per_request_is_a_number_or_a_range():
 
 
 def test_client_tells_every_outcome_apart_and_keeps_connections_alive():
-    lt = load_script()
+    lt = load_script("load_test")
 
     async def scenario() -> None:
         toy = ToyServer(max_queue=3)
@@ -298,7 +291,7 @@ def test_client_tells_every_outcome_apart_and_keeps_connections_alive():
 
 
 def test_loops_record_every_request_and_overflow_of_the_pool():
-    lt = load_script()
+    lt = load_script("load_test")
 
     async def scenario() -> None:
         toy = ToyServer(service_s=0.05, max_batch_size=1)  # 20 requests/s at most
@@ -334,7 +327,7 @@ def test_loops_record_every_request_and_overflow_of_the_pool():
 
 
 def test_overload_reports_statuses_rss_and_recovery():
-    lt = load_script()
+    lt = load_script("load_test")
 
     class ThisProcess:  # RSS and CPU of the test process stand in for the server's
         pid = os.getpid()
