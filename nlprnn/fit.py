@@ -225,18 +225,14 @@ def calibrate(cli: FitCLI, checkpoint: str | None) -> None:
     export reads, and into `checkpoint` itself, so that the test below and nlprnn.export both use it.
     One process fits it on the whole validation split; the others receive it.
     """
-    from torch.utils.data import DataLoader
-
     from nlprnn.calibration import collect_logits, fit_temperature, store_calibration
-    from nlprnn.data.batching import Collate, TokenizedSplit
 
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     temperature = 1.0
     if trainer.is_global_zero:
         if checkpoint:
             model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-        loader = DataLoader(TokenizedSplit(data.splits["validation"]), collate_fn=Collate(data.pad_id),
-                            batch_sampler=data.batch_sampler("validation", shuffle=False))
+        loader = data.whole_split_loader("validation")
         device = trainer.strategy.root_device
         logits, labels = collect_logits(model.to(device), loader, device)
         model.cpu()  # where Lightning leaves a model after fit; the test moves it again

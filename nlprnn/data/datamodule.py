@@ -255,9 +255,14 @@ class TextDataModule(L.LightningDataModule):
             lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world_size
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = self.batch_sampler(split, shuffle, rank, world)
+    def whole_split_loader(self, split: str) -> DataLoader:
+        """All of a split for one process, in length order (the trainer's loaders deal it out among ranks)."""
+        return self._loader(split, shuffle=False, ranks=(0, 1))
+
+    def _loader(self, split: str, shuffle: bool, ranks: tuple[int, int] | None = None) -> DataLoader:
+        if ranks is None:
+            ranks = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = self.batch_sampler(split, shuffle, *ranks)
         return DataLoader(
             TokenizedSplit(self.splits[split]),
             batch_sampler=sampler,
