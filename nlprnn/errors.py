@@ -19,6 +19,12 @@ class UserError(ReportedError):
     exit_status = 2
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries append whole reports), else its type's name."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 @contextmanager
 def exit_on_reported_error(prog: str) -> Iterator[None]:
     """Turn a `ReportedError` into one line on stderr and its exit status; anything else stays loud."""

@@ -39,7 +39,7 @@ from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer, tokenizer_from_json
 from nlprnn.deploy.bundle import (
     INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
 )
-from nlprnn.errors import ReportedError, UserError, exit_on_reported_error
+from nlprnn.errors import ReportedError, UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.quantize import QUANTIZATIONS, Validation, quantize_bundle, validation_split
 
@@ -204,7 +204,7 @@ def load_checkpoint(path: Path) -> TextClassifier:
     try:
         return TextClassifier.load_from_checkpoint(str(path), map_location="cpu")
     except Exception as err:  # torch and Lightning raise many types for unreadable or foreign files
-        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {first_line(err)})") from None
 
 
 def export_checkpoint(
@@ -266,7 +266,7 @@ def checkpoint_data(path: Path) -> dict[str, Any] | None:
         # mmap reads the archive's index and this small entry, not the weights
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:  # torch raises many types for unreadable or foreign files
-        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+        raise UserError(f"{path} is not a readable nlprnn checkpoint ({type(err).__name__}: {first_line(err)})") from None
     saved = checkpoint.get(TextDataModule.__qualname__) if isinstance(checkpoint, dict) else None
     if saved is None:
         return None
@@ -330,11 +330,6 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_bytes())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:

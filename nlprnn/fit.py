@@ -39,7 +39,7 @@ from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import PATIENCE_EPOCHS, epoch_budget
-from nlprnn.errors import UserError, exit_on_reported_error
+from nlprnn.errors import UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name
 from nlprnn.threads import fit_threads_to_machine
@@ -275,7 +275,7 @@ def missing_package(err: BaseException) -> UserError | None:
     if cause is None:
         return None
     class_path = next((m.group(1) for e in chain if (m := re.search(r"class_path '([\w.]+)'", str(e)))), None)
-    needs = (str(cause).strip().splitlines() or [type(cause).__name__])[0].rstrip(".")
+    needs = first_line(cause).rstrip(".")
     extra = next((extra for package, extra in EXTRAS.items() if package in needs.lower()), None)
     hint = f'; install it with: pip install "{extra}"' if extra else ""
     return UserError(f"{class_path or 'the configuration'} needs a package that is not installed: {needs}{hint}")

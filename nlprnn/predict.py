@@ -1,4 +1,4 @@
-"""python -m nlprnn.predict BUNDLE "text" ... | --input FILE: one JSON line per text.
+"""python -m nlprnn.predict BUNDLE "text" ... | --input FILE: one JSON line per text; --output FOLDER: batch scoring.
 
 Each line is {"text": ..., "label": ..., "probabilities": {label: p, ...}}, in input order; with --explain it
 also holds "explanation", each word's contribution (see `nlprnn.deploy.explain`), and --explain_format html
@@ -8,6 +8,9 @@ onnxruntime, tokenizers and numpy only (the base install); it never imports torc
 Empty texts are read as one unknown-word token and get a prediction like any other (see
 `nlprnn.deploy.predictor.Predictor`); texts longer than the bundle's max_length tokens are cut to it;
 bytes that are not UTF-8 are replaced by U+FFFD.
+
+With --output, the input (also Parquet, or a folder of parts) is scored in bounded memory into a folder of
+parts, resumably and with --workers processes: see `nlprnn.deploy.stream`. Rows with no text get no label there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from nlprnn.errors import UserError, exit_on_reported_error
@@ -37,12 +41,21 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("bundle", help="bundle folder written by `python -m nlprnn.export`")
     parser.add_argument("texts", nargs="*", help="texts to classify")
-    parser.add_argument("--input", metavar="FILE",
-                        help="read texts from FILE instead: .txt (one per line), .csv, .tsv or .jsonl; '-' is stdin")
-    parser.add_argument("--text_column", default="text", help="the text column of a .csv/.tsv/.jsonl input")
+    parser.add_argument("--input", metavar="PATH",
+                        help="read texts from PATH instead: .txt (one per line), .csv, .tsv or .jsonl; '-' is stdin; "
+                        "with --output also .parquet, or a folder of parts")
+    parser.add_argument("--text_column", default="text", help="the text column of a .csv/.tsv/.jsonl/.parquet input")
+    parser.add_argument("--output", metavar="FOLDER", type=Path,
+                        help="score --input into FOLDER, part by part, keeping the input's columns; the same "
+                        "command run again continues where a stopped run left off")
+    parser.add_argument("--output_format", choices=("parquet", "csv", "jsonl"), default=None,
+                        help="format of the output parts (default: the --output folder's suffix, else parquet)")
+    parser.add_argument("--rows_per_part", type=int, default=50_000, help="input rows per output part")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --output: processes scoring parts side by side, the cores shared among them")
     parser.add_argument("--batch_size", type=int, default=64, help="texts per model call")
     parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime threads (default: the cores this process may use)")
+                        help="onnxruntime threads per process (default: its share of the cores it may use)")
     parser.add_argument("--explain", action="store_true",
                         help="add each word's contribution to the predicted label's probability (deleting it, the "
                         "label's probability drops by this much); one model call per text")
@@ -85,9 +98,32 @@ def write_explanations(predictor: Predictor, texts: Iterable[str], fmt: str, out
         out.write(html_tail())
 
 
+def score_into_folder(options: argparse.Namespace) -> None:
+    from nlprnn.deploy.stream import Job, score_files
+    from nlprnn.deploy.tables import output_format_of
+
+    if options.input is None or options.texts or options.input == "-":
+        raise UserError("--output scores a file or folder: give --input PATH and no texts")
+    if options.explain:
+        raise UserError("--explain writes to standard output; leave out --output")
+    job = Job(
+        bundle=Path(options.bundle),
+        input=Path(options.input),
+        text_column=options.text_column,
+        output=options.output,
+        output_format=output_format_of(options.output, options.output_format),
+        rows_per_part=options.rows_per_part,
+    )
+    score_files(job, workers=options.workers, threads=options.threads, batch_size=options.batch_size)
+
+
 def main(args: list[str] | None = None) -> None:
     options = parse_args(args)
     with exit_on_reported_error("nlprnn.predict"):
+        if options.output is not None:
+            return score_into_folder(options)
+        if options.workers != 1:
+            raise UserError("--workers needs --output: standard output is written by one process")
         from nlprnn.deploy.predictor import Predictor
 
         predictor = Predictor(options.bundle, batch_size=options.batch_size, threads=options.threads)

@@ -21,7 +21,7 @@ import numpy as np
 from nlprnn.cache import cache_dir
 from nlprnn.data.catalog import CATALOG, load_builtin
 from nlprnn.data.cleaning import check_labels, drop_empty_texts, repair_utf8
-from nlprnn.errors import UserError
+from nlprnn.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _read_file(path: Path, spec: SourceSpec):
             builder, data_files=str(readable), split="train", cache_dir=str(cache_dir() / "files"), **options
         )
     except Exception as err:  # the builders raise many types for a malformed file
-        raise UserError(f"cannot read {path} as {builder}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read {path} as {builder}: {first_line(err)}") from None
     ds = _text_and_label(ds, spec, str(path))
     check_labels(ds, str(path))
     return ds.cast_column("text", datasets.Value("string"))
@@ -197,9 +197,8 @@ def _load_hub(spec: SourceSpec) -> dict:
     try:
         hub = datasets.load_dataset(spec.dataset)
     except Exception as err:  # unknown id, gated repo, network, offline and not cached: all end the same way
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(
-            f"dataset {spec.dataset!r} is not built in and cannot be loaded from the Hugging Face Hub ({reason}); {hint}"
+            f"dataset {spec.dataset!r} is not built in and cannot be loaded from the Hugging Face Hub ({first_line(err)}); {hint}"
         ) from None
     if "train" not in hub:
         raise UserError(f"{spec.dataset!r} on the Hub has no train split (it has {', '.join(hub)})")

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from nlprnn.data.tokenizer import load_tokenizer
 from nlprnn.deploy.bundle import INPUT_NAMES, OUTPUT_NAMES, Bundle, read_bundle
 from nlprnn.deploy.inputs import clean_text
-from nlprnn.errors import UserError
+from nlprnn.errors import UserError, first_line
 from nlprnn.padding import pad_rows
 from nlprnn.threads import available_cores
 
@@ -44,8 +44,7 @@ def make_session(model_file: Path, threads: int | None = None) -> ort.InferenceS
     try:
         return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{model_file} is not a loadable ONNX model ({first_line}); export the bundle again") from None
+        raise UserError(f"{model_file} is not a loadable ONNX model ({first_line(err)}); export the bundle again") from None
 
 
 class Predictor:

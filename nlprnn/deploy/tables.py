@@ -1,0 +1,369 @@
+"""Arrow tables in and out of batch scoring: read inputs in bounded batches, score a table, write a part.
+
+Shared by the streaming scorer (`nlprnn.deploy.stream`) and the cluster path (`nlprnn.deploy.ray`), so
+both give the same columns for the same rows. Needs pyarrow: `pip install "nlprnn[batch]"`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from nlprnn.errors import UserError, first_line
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+    import pyarrow.csv as pa_csv
+    import pyarrow.fs as pa_fs
+    import pyarrow.parquet as pq
+except ImportError:  # pragma: no cover - the base install has no pyarrow
+    raise UserError('batch scoring with --output needs pyarrow: pip install "nlprnn[batch]"') from None
+
+if TYPE_CHECKING:
+    from nlprnn.deploy.predictor import Predictor
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
+EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
+LABEL_COLUMN = "predicted_label"
+PROBABILITY_PREFIX = "probability_"
+BATCH_ROWS = 8192  # rows per record batch read: bounded memory whatever the file size
+TEXT_LINES_COLUMN = "text"  # the one column of a .txt input
+UNDECODABLE = "\0undecodable"  # marks JSON lines whose bytes were replaced; counted and dropped by score_table
+
+
+def output_columns(labels: list[str]) -> list[str]:
+    """The columns scoring adds: the predicted label, then one probability per label."""
+    return [LABEL_COLUMN] + [PROBABILITY_PREFIX + label for label in labels]
+
+
+@dataclass
+class Counts:
+    """What happened to the rows of a part (or of a whole job)."""
+
+    rows: int = 0
+    scored: int = 0
+    empty: int = 0  # null, empty or whitespace-only text: written without a label
+    undecodable: int = 0  # bytes that are not UTF-8, replaced by U+FFFD, then scored
+
+    def add(self, other: Counts) -> None:
+        self.rows += other.rows
+        self.scored += other.scored
+        self.empty += other.empty
+        self.undecodable += other.undecodable
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files of an input (one file, or a folder of parts read in name order), all of one format."""
+
+    files: tuple[Path, ...]
+    format: str
+    text_column: str
+    columns: tuple[str, ...]  # of the first file (of its first line, for JSON lines)
+
+    def batches(self, on_malformed: Callable[[str], None] | None = None) -> Iterator[pa.RecordBatch]:
+        """Every row of every file in order, in record batches of at most BATCH_ROWS rows.
+
+        The text column comes as strings or bytes (decoded by `decode_texts`); other columns of CSV/TSV
+        inputs as strings, so that ids such as 007 keep their zeros. A CSV row with the wrong number of
+        fields or a JSON line that is not an object is skipped and passed to `on_malformed`.
+        """
+        for file in self.files:
+            if self.format == "parquet":
+                yield from _parquet_batches(file)
+            elif self.format in ("csv", "tsv"):
+                yield from _csv_batches(file, self.format, self.text_column, on_malformed)
+            elif self.format == "jsonl":
+                yield from _jsonl_batches(file, on_malformed)
+            else:
+                yield from _line_batches(file)
+
+    def approximate_rows(self) -> int:
+        """The number of rows, exact for Parquet, else counted as lines (fast; quoted newlines overcount)."""
+        if self.format == "parquet":
+            return sum(pq.ParquetFile(file).metadata.num_rows for file in self.files)
+        header = 1 if self.format in ("csv", "tsv") else 0
+        return sum(max(_count_lines(file) - header, 0) for file in self.files)
+
+
+def open_input(path: str | Path, text_column: str) -> InputFiles:
+    """The input at `path`, checked: a readable format, the same columns in every file, a text column."""
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"input not found: {root}")
+    if root.is_dir():
+        files = sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(("_", ".")))
+        formats = {FORMATS.get(f.suffix.lower()) for f in files}
+        if not files:
+            raise UserError(f"{root} holds no files to score")
+        if len(formats) != 1 or None in formats:
+            raise UserError(f"{root} mixes formats or holds files that are not {_readable()}; give one file instead")
+    else:
+        files = [root]
+        if root.suffix.lower() not in FORMATS:
+            raise UserError(f"cannot read {root}: use {_readable()}, or a folder of them")
+    fmt = FORMATS[files[0].suffix.lower()]
+    if fmt == "txt":
+        text_column = TEXT_LINES_COLUMN
+    first_columns = columns_of(files[0], fmt)
+    for file in files[1:]:
+        if (columns := columns_of(file, fmt)) != first_columns and fmt != "jsonl":
+            raise UserError(f"{file} has columns {columns} but {files[0]} has {first_columns}; parts must agree")
+    if text_column not in first_columns:
+        raise UserError(
+            f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, first_columns))}); "
+            "name the text column with --text_column"
+        )
+    return InputFiles(tuple(files), fmt, text_column, tuple(first_columns))
+
+
+def decode_texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], int]:
+    """A text column as Python strings (None where null) and how many held bytes that are not UTF-8.
+
+    Such bytes become U+FFFD, as in `predict` on the command line; one bad text never stops a job.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_null(column.type):
+        return [None] * len(column), 0
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.to_pylist(), 0
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise UserError(f"the text column holds {column.type}, not text")
+    try:
+        return column.cast(pa.large_string()).to_pylist(), 0  # validates UTF-8 in one pass
+    except pa.ArrowInvalid:
+        texts: list[str | None] = []
+        undecodable = 0
+        for value in column.to_pylist():
+            if value is None:
+                texts.append(None)
+                continue
+            try:
+                texts.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append(value.decode("utf-8", errors="replace"))
+                undecodable += 1
+        return texts, undecodable
+
+
+def score_table(
+    predictor: Predictor, table: pa.Table, text_column: str, slice_rows: int = 16384
+) -> tuple[pa.Table, Counts]:
+    """`table` with its text column as strings, the predicted label and each label's probability added.
+
+    Rows whose text is null, empty or whitespace get no label and null probabilities (counted as empty).
+    Texts are scored `slice_rows` at a time, each slice sorted by length inside the Predictor.
+    """
+    undecodable = 0
+    if UNDECODABLE in table.column_names:  # JSON lines whose bytes were replaced while parsing
+        undecodable = int(pa.compute.sum(table.column(UNDECODABLE)).as_py() or 0)
+        table = table.drop_columns([UNDECODABLE])
+    texts, bad_bytes = decode_texts(table.column(text_column))
+    present = np.fromiter((bool(text) and not text.isspace() for text in texts), bool, len(texts))
+    rows = np.flatnonzero(present)
+    labels = predictor.labels
+    probabilities = np.zeros((len(texts), len(labels)), dtype=np.float32)
+    for start in range(0, len(rows), slice_rows):
+        chunk = rows[start : start + slice_rows]
+        probabilities[chunk] = predictor.score([texts[i] for i in chunk]).probabilities
+    missing = ~present
+    predicted = np.asarray(labels, dtype=object)[probabilities.argmax(axis=1)]
+    table = table.set_column(table.column_names.index(text_column), text_column, pa.array(texts, pa.string()))
+    table = table.append_column(LABEL_COLUMN, pa.array(predicted, pa.string(), mask=missing))
+    for j, label in enumerate(labels):
+        table = table.append_column(PROBABILITY_PREFIX + label, pa.array(probabilities[:, j], mask=missing))
+    counts = Counts(rows=len(texts), scored=len(rows), empty=int(missing.sum()), undecodable=bad_bytes + undecodable)
+    return table, counts
+
+
+def write_table(table: pa.Table, f: BinaryIO, fmt: str) -> None:
+    """Write `table` to the open binary file `f` as Parquet, CSV (with a header) or JSON Lines."""
+    if fmt == "parquet":
+        pq.write_table(table, f, compression="zstd")
+    elif fmt == "csv":
+        pa_csv.write_csv(table, f)
+    elif fmt == "jsonl":
+        for start in range(0, table.num_rows, BATCH_ROWS):
+            rows = table.slice(start, BATCH_ROWS).to_pylist()
+            f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode())
+    else:
+        raise UserError(f"cannot write {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def _readable() -> str:
+    return ".csv, .tsv, .jsonl, .parquet or .txt files"
+
+
+def columns_of(file: str | Path, fmt: str, filesystem: pa_fs.FileSystem | None = None) -> list[str]:
+    """The column names of `file`: the CSV header, the Parquet schema, or the keys of the first JSON line.
+
+    `filesystem` reads remote files (S3, GCS...); by default `file` is a local path.
+    """
+    if fmt == "txt":
+        return [TEXT_LINES_COLUMN]
+    if filesystem is None:
+        filesystem, file = pa_fs.LocalFileSystem(), Path(file).resolve()
+    try:
+        if fmt == "parquet":
+            return pq.read_schema(str(file), filesystem=filesystem).names
+        with filesystem.open_input_stream(str(file)) as stream:
+            if fmt in ("csv", "tsv"):
+                convert = pa_csv.ConvertOptions(check_utf8=False)
+                return pa_csv.open_csv(stream, parse_options=csv_parse_options(fmt), convert_options=convert).schema.names
+            for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+                if line.strip():
+                    record = json.loads(line)
+                    return list(record) if isinstance(record, dict) else []
+            return []
+    except (OSError, pa.ArrowException, ValueError) as err:
+        raise UserError(f"cannot read {file}: {first_line(err)}") from None
+
+
+def csv_parse_options(fmt: str, on_malformed: Callable[[pa_csv.InvalidRow], None] | None = None) -> pa_csv.ParseOptions:
+    """CSV or TSV with quoted newlines allowed; a row with the wrong number of fields is skipped (and reported)."""
+
+    def skip(row: pa_csv.InvalidRow) -> str:
+        if on_malformed is not None:
+            on_malformed(row)
+        return "skip"
+
+    return pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True,
+                               invalid_row_handler=skip)
+
+
+def output_format_of(output: str | Path, output_format: str | None = None) -> str:
+    """The format asked for, else the one the output folder's name ends with (scores.csv/), else Parquet."""
+    if output_format is not None:
+        if output_format not in OUTPUT_FORMATS:
+            raise UserError(f"--output_format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+        return output_format
+    suffix = PurePosixPath(str(output).rstrip("/")).suffix.lower().lstrip(".")
+    return suffix if suffix in OUTPUT_FORMATS else "parquet"
+
+
+def _parquet_batches(file: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS)
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"cannot read {file}: {first_line(err)}") from None
+
+
+def _csv_reader(
+    file: Path, fmt: str, convert: pa_csv.ConvertOptions, on_malformed: Callable[[str], None] | None
+) -> pa_csv.CSVStreamingReader:
+    def report(row: pa_csv.InvalidRow) -> None:
+        if on_malformed is not None:
+            on_malformed(f"line {row.number} of {file}: {row.actual_columns} fields, not {row.expected_columns}")
+
+    # One thread: batch scoring spends the cores on the model, and a single-threaded reader keeps row order cheap.
+    read = pa_csv.ReadOptions(use_threads=False, block_size=1 << 22)
+    return pa_csv.open_csv(file, read_options=read, parse_options=csv_parse_options(fmt, report), convert_options=convert)
+
+
+def _csv_batches(
+    file: Path, fmt: str, text_column: str, on_malformed: Callable[[str], None] | None
+) -> Iterator[pa.RecordBatch]:
+    names = columns_of(file, fmt)
+    types = {name: pa.string() for name in names} | {text_column: pa.binary()}  # texts are decoded leniently
+    convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False)
+    try:
+        for batch in _csv_reader(file, fmt, convert, on_malformed):
+            for start in range(0, batch.num_rows, BATCH_ROWS):
+                yield batch.slice(start, BATCH_ROWS)
+    except pa.ArrowException as err:
+        raise UserError(f"cannot read {file}: {first_line(err)}") from None
+
+
+def _jsonl_batches(file: Path, on_malformed: Callable[[str], None] | None) -> Iterator[pa.RecordBatch]:
+    """JSON objects, one per line, parsed here so that one bad line costs only itself."""
+    schema: pa.Schema | None = None
+    records: list[dict] = []
+    for number, line in enumerate(_binary_lines(file), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+            clean = True
+        except UnicodeDecodeError:
+            text, clean = line.decode("utf-8", errors="replace"), False
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if on_malformed is not None:
+                on_malformed(f"line {number} of {file} is not a JSON object")
+            continue
+        record[UNDECODABLE] = not clean
+        records.append(record)
+        if len(records) == BATCH_ROWS:
+            schema, batch = _records_batch(records, schema, file)
+            yield batch
+            records = []
+    if records:
+        yield _records_batch(records, schema, file)[1]
+
+
+def _records_batch(records: list[dict], schema: pa.Schema | None, file: Path) -> tuple[pa.Schema, pa.RecordBatch]:
+    try:
+        batch = pa.RecordBatch.from_pylist(records)
+        if schema is None:
+            return batch.schema, batch
+        schema = pa.unify_schemas([schema, batch.schema], promote_options="permissive")  # null -> string, int -> float
+        return schema, _conform(batch, schema)
+    except (pa.ArrowException, TypeError, ValueError) as err:
+        raise UserError(f"cannot read {file}: a field changes type between lines ({first_line(err)})") from None
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with `schema`'s columns and types (a field missing from its lines is null)."""
+    columns = []
+    for field in schema:
+        if field.name in batch.schema.names:
+            columns.append(batch.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _line_batches(file: Path) -> Iterator[pa.RecordBatch]:
+    lines: list[bytes] = []
+    for line in _binary_lines(file):
+        lines.append(line.rstrip(b"\r\n"))
+        if len(lines) == BATCH_ROWS:
+            yield pa.RecordBatch.from_arrays([pa.array(lines, pa.binary())], names=[TEXT_LINES_COLUMN])
+            lines = []
+    if lines:
+        yield pa.RecordBatch.from_arrays([pa.array(lines, pa.binary())], names=[TEXT_LINES_COLUMN])
+
+
+def _binary_lines(file: Path) -> Iterator[bytes]:
+    try:
+        with open(file, "rb") as f:
+            first = True
+            for line in f:
+                if first and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+                    line = line[3:]
+                first = False
+                yield line
+    except OSError as err:
+        raise UserError(f"cannot read {file}: {err.strerror}") from None
+
+
+def _count_lines(file: Path) -> int:
+    count = 0
+    last = b"\n"
+    with open(file, "rb") as f:
+        while block := f.read(1 << 24):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
