@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,8 +47,13 @@ LOCK_FILE = "_lock"
 ROWS_PER_PART = 50_000  # about 15 s of work on 2 cores: what a kill can cost
 
 
-class Interrupted(ReportedError):
-    exit_status = 130  # the shell's code for Ctrl-C
+class Stopped(ReportedError):
+    """Ctrl-C or SIGTERM (a scheduler's preemption): the finished parts stay, and the same command continues."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; run the same command again to continue "
+                         "from the last finished part")
+        self.exit_status = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,11 @@ def score_files(
         meter = Progress(progress, total=source.approximate_rows(), done=_rows_of(job, done))
         threads = threads or max(1, available_cores() // workers)
         started = time.monotonic()
-        try:
+        with _stopped_by_signals():
             if workers == 1:
                 read = score_parts(job, 0, 1, threads, batch_size, done, meter.part_done)
             else:
                 read = _score_in_processes(job, workers, threads, batch_size, done, meter)
-        except KeyboardInterrupt:
-            raise Interrupted("stopped; run the same command again to continue from the last finished part") from None
         summary = _finish(job, read, time.monotonic() - started)
         meter.close()
         _say(progress, _summary_line(job, summary))
@@ -212,14 +216,15 @@ def _score_in_processes(
     finally:
         for process in processes:
             if process.is_alive():
-                process.terminate()
+                process.kill()  # safe at any moment: a part is either whole and recorded, or rescored
             process.join()
     return results[0]
 
 
 def _worker(job, worker, workers, threads, batch_size, done, messages) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and schedulers signal the whole group; the parent decides
+        signal.signal(sig, signal.SIG_IGN)
     try:
         read = score_parts(job, worker, workers, threads, batch_size, done,
                            lambda part, rows: messages.put(("part", worker, (part, rows))))
@@ -275,6 +280,24 @@ def _summary_line(job: Job, summary: dict) -> str:
                      f"(the first: {summary['first_malformed']})")
     line = f"wrote {summary['rows']:,} rows in {summary['parts']} parts to {job.output}"
     return line + ("; " + "; ".join(notes) if notes else "")
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise `Stopped`, so that workers are stopped and temporary files removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -31,9 +32,13 @@ EMPTY_ROWS = {0, 17, 4_999, 9_999}  # and a whitespace-only text at 5_000
 
 @pytest.fixture(scope="module")
 def cluster():
+    # ray.init installs its own SIGTERM and SIGINT handlers in this (pytest's) process; later tests need ours back.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     yield
     ray.shutdown()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="module")

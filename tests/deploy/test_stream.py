@@ -292,7 +292,8 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def test_ctrl_c_stops_with_one_line_and_the_job_resumes(bundle, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_with_one_line_and_the_job_resumes(bundle, tmp_path, stop):
     source = write_csv(tmp_path / "in.csv", [(f"{i}", t) for i, t in enumerate(texts(120_000, seed=6))])
     out = tmp_path / "out"
     command = [sys.executable, "-m", "nlprnn.predict", str(bundle), "--input", str(source), "--output", str(out),
@@ -302,11 +303,12 @@ def test_ctrl_c_stops_with_one_line_and_the_job_resumes(bundle, tmp_path):
     deadline = time.monotonic() + 120
     while len(list((out / "_parts").glob("*.json"))) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: to the whole process group
+    os.killpg(job.pid, stop)  # as a terminal's Ctrl-C or a scheduler's preemption does: to the whole group
     _, err = job.communicate(timeout=60)
-    assert job.returncode == 130, err
-    assert err.strip().splitlines()[-1] == (
-        "nlprnn.predict: error: stopped; run the same command again to continue from the last finished part")
+    assert job.returncode == 128 + stop, err
+    assert err.strip().splitlines()[-1] == (f"nlprnn.predict: error: stopped by {stop.name}; run the same command "
+                                            "again to continue from the last finished part")
+    assert not list(out.glob(".*.tmp"))
     proc = run_cli(*command[3:], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert read_output(out).column("id").to_pylist() == [str(i) for i in range(120_000)]
