@@ -30,7 +30,10 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size,
-                        help="most texts per model call; 1 turns batching off")
+                        help="most texts gathered into one batch; 1 turns batching off")
+    parser.add_argument("--model_batch_size", type=int, default=8,
+                        help="most texts per model call: a batch is sorted by length and run in calls of this many, "
+                        "so short texts are not padded to the longest")
     parser.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms,
                         help="longest time a text waits for its batch to fill")
     parser.add_argument("--max_queue", type=int, default=defaults.max_queue,
@@ -61,14 +64,17 @@ def main(args: list[str] | None = None) -> None:
         settings = ServeSettings(**{name: getattr(options, name) for name in ServeSettings.__dataclass_fields__})
         if not 0 <= options.port <= 65535:
             raise UserError(f"--port must be in 0..65535, not {options.port}")
-        predictor = Predictor(options.bundle, batch_size=settings.max_batch_size, threads=options.threads)
+        if options.model_batch_size < 1:
+            raise UserError(f"--model_batch_size must be at least 1, not {options.model_batch_size}")
+        predictor = Predictor(options.bundle, batch_size=options.model_batch_size, threads=options.threads)
 
         async def announce() -> None:
             while not server.started:  # the warm-up can finish before the socket is bound
                 await asyncio.sleep(0.01)
             host, port = server.servers[0].sockets[0].getsockname()[:2]
             print(f"{PROG}: ready on http://{host}:{port} (bundle {options.bundle}, labels {', '.join(predictor.labels)}; "
-                  f"max_batch_size {settings.max_batch_size}, max_wait_ms {settings.max_wait_ms:g})",
+                  f"max_batch_size {settings.max_batch_size}, model_batch_size {options.model_batch_size}, "
+                  f"max_wait_ms {settings.max_wait_ms:g})",
                   file=sys.stderr, flush=True)
 
         app = create_app(predictor, settings, on_ready=announce)

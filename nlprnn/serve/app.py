@@ -50,7 +50,7 @@ class ServeSettings:
     """How the server batches and what it accepts.
 
     Args:
-        max_batch_size: most texts per model call.
+        max_batch_size: most texts per batch; the Predictor runs a batch in length-sorted model calls.
         max_wait_ms: longest time a text waits for its batch to fill.
         max_queue: most texts waiting at once; a request that would go beyond gets 503. It bounds the
             time a text waits (here about 0.1 s at full load) and the memory the queue can hold. A text

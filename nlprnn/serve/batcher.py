@@ -66,7 +66,7 @@ class Batcher(Generic[Result]):
 
         Args:
             predict: the model call; it runs in the batcher's worker thread.
-            max_batch_size: most texts per model call.
+            max_batch_size: most texts per batch (one call of `predict`).
             max_wait_s: longest time the oldest queued text waits for a batch to fill.
             max_queue: most texts waiting at once; beyond it `submit` raises `QueueFull`.
             on_batch: called on the event loop after each model call.

@@ -26,7 +26,7 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "nlprnn_batch_size", "Texts per model call.", buckets=BATCH_BUCKETS, registry=self.registry,
+            "nlprnn_batch_size", "Texts per batch.", buckets=BATCH_BUCKETS, registry=self.registry,
         )
         self.batch_seconds = Histogram(
             "nlprnn_batch_seconds", "Time of one model call (tokenize, pad, run).",
