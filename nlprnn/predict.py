@@ -33,6 +33,8 @@ CHUNK = 4096  # texts read, predicted and printed at a time: bounded memory, out
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
+    from nlprnn.deploy.stream import ROWS_PER_PART
+
     parser = argparse.ArgumentParser(
         prog="python -m nlprnn.predict",
         description="Classify texts with an exported bundle; prints one JSON line per text, in input order. "
@@ -50,7 +52,7 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
                         "command run again continues where a stopped run left off")
     parser.add_argument("--output_format", choices=("parquet", "csv", "jsonl"), default=None,
                         help="format of the output parts (default: the --output folder's suffix, else parquet)")
-    parser.add_argument("--rows_per_part", type=int, default=50_000, help="input rows per output part")
+    parser.add_argument("--rows_per_part", type=int, default=ROWS_PER_PART, help="input rows per output part")
     parser.add_argument("--workers", type=int, default=1,
                         help="with --output: processes scoring parts side by side, the cores shared among them")
     parser.add_argument("--batch_size", type=int, default=64, help="texts per model call")

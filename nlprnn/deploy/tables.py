@@ -122,6 +122,12 @@ def open_input(path: str | Path, text_column: str) -> InputFiles:
             f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, first_columns))}); "
             "name the text column with --text_column"
         )
+    if fmt == "parquet":
+        kind = pq.read_schema(files[0]).field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
+            raise UserError(f"column {text_column!r} of {files[0]} holds {kind}, not text; name the text column "
+                            "with --text_column")
     return InputFiles(tuple(files), fmt, text_column, tuple(first_columns))
 
 

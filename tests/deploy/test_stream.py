@@ -328,3 +328,13 @@ def test_json_lines_may_widen_a_column_between_batches(bundle, tmp_path, monkeyp
 def test_workers_need_an_output_folder(bundle):
     proc = run_cli(str(bundle), "good movie", "--workers", "2")
     assert proc.returncode == 2 and "--workers needs --output" in proc.stderr, proc.stderr
+
+
+def test_a_text_column_that_is_not_text_is_one_line_and_a_failed_job_leaves_no_folder(bundle, tmp_path):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    proc = run_cli(str(bundle), "--input", str(tmp_path / "numbers.parquet"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "column 'text' of" in proc.stderr and "holds int64, not text" in proc.stderr
+    (tmp_path / "in.jsonl").write_text('{"text": 5}\n')  # found only while scoring: the new folder goes again
+    proc = run_cli(str(bundle), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not text" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
