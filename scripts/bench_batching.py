@@ -5,7 +5,7 @@
 A serving batch is `--group` texts that arrived together, of mixed lengths. `Predictor.score` sorts them by
 length and runs them in model calls of `batch_size` texts, each padded to its own longest; this prints the
 texts/s of each batch size over consecutive groups of the file's texts (the first `--limit`), after one warm-up
-group, with the Predictor's default threads. Run it alone on the machine.
+group, with the Predictor's default threads unless `--threads` is given. Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=64, help="texts gathered into one serving batch")
     parser.add_argument("--sizes", default="64,32,16,8,4,1", help="model batch sizes to compare")
     parser.add_argument("--limit", type=int, default=12_000, help="texts to score for each size")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: the cores)")
     options = parser.parse_args()
     with open(options.texts, newline="", encoding="utf-8") as f:
         texts = [row[options.text_column] for _, row in zip(range(options.limit), csv.DictReader(f))]
     groups = [texts[i : i + options.group] for i in range(0, len(texts), options.group)]
     for size in map(int, options.sizes.split(",")):
-        predictor = Predictor(options.bundle, batch_size=size)
+        predictor = Predictor(options.bundle, batch_size=size, threads=options.threads)
         predictor.score(groups[0])
         started = time.perf_counter()
         for group in groups:
