@@ -69,9 +69,7 @@ class Job:
     rows_per_part: int = ROWS_PER_PART
 
     def part_file(self, part: int) -> Path:
-        from nlprnn.deploy.tables import EXTENSIONS
-
-        return self.output / f"part-{part:05d}{EXTENSIONS[self.output_format]}"
+        return self.output / f"part-{part:05d}.{self.output_format}"
 
     def done_file(self, part: int) -> Path:
         return self.output / DONE_FOLDER / f"part-{part:05d}.json"

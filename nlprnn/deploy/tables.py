@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
-EXTENSIONS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 LABEL_COLUMN = "predicted_label"
 PROBABILITY_PREFIX = "probability_"
 BATCH_ROWS = 8192  # rows per record batch read: bounded memory whatever the file size
