@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -87,11 +88,24 @@ def main(args: list[str] | None = None) -> None:
         # still stops it) and let the process end with status 0 once everything is answered.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        quiet_garbage_collector()
         server.run()  # a port that is taken ends it here: uvicorn logs why and exits 1
         answered = app.state.metrics.registry.get_sample_value(
             "nlprnn_requests_total", {"endpoint": CLASSIFY, "status": "200"}) or 0
         texts = app.state.metrics.registry.get_sample_value("nlprnn_texts_classified_total") or 0
         print(f"{PROG}: stopped; answered {int(answered)} classify requests ({int(texts)} texts)", file=sys.stderr)
+
+
+def quiet_garbage_collector() -> None:
+    """Fewer collector passes, and none over the objects that live as long as the process.
+
+    Python's defaults run a young-generation pass every 700 allocations and a full pass over every tracked
+    object every hundred or so of those; a server under load allocates that many within milliseconds, and the
+    pauses made the p99 latency at half load 27-35 ms where the median was 5 ms (8.9-11.4 ms like this,
+    docs/serving.md). Reference counting still frees everything that is not in a cycle at once.
+    """
+    gc.freeze()  # the model, tokenizer and app, loaded by now: never garbage, never scanned again
+    gc.set_threshold(50_000, 50, 100)
 
 
 if __name__ == "__main__":
