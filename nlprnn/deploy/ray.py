@@ -36,7 +36,9 @@ try:  # the extra: pip install "nlprnn[ray]" (ray[data] brings pyarrow)
     import ray
     import ray.data
 
-    from nlprnn.deploy.tables import FORMATS, columns_of, csv_parse_options, output_format_of, score_table
+    from nlprnn.deploy.tables import (
+        FORMATS, columns_of, csv_parse_options, output_format_of, refuse_clashing_columns, score_table,
+    )
 except ImportError:  # pragma: no cover - the base install has neither; _require_ray says how to get them
     ray = None
 
@@ -218,14 +220,10 @@ def main(args: list[str] | None = None) -> None:
     options = parse_args(args)
     with exit_on_reported_error(PROG):
         _require_ray()
-        from nlprnn.deploy.tables import output_columns
-
         # Everything a user can get wrong is checked here, before a cluster is joined or a file written.
         labels = read_bundle(options.bundle).labels
         source = open_source(options.input, options.text_column)
-        clash = set(output_columns(labels)) & set(source.columns)
-        if clash:
-            raise UserError(f"the input already has a column {sorted(clash)[0]!r}, which scoring writes; rename it")
+        refuse_clashing_columns(labels, source.columns)
         output_format = output_format_of(options.output, options.output_format)
         _check_counts(options.workers, options.threads_per_worker)
         _check_output(options.output)

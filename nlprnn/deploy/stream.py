@@ -86,7 +86,7 @@ def score_files(
 
     Progress and the summary go to standard error unless `quiet`.
     """
-    from nlprnn.deploy.tables import open_input, output_columns
+    from nlprnn.deploy.tables import open_input, refuse_clashing_columns
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
@@ -95,9 +95,7 @@ def score_files(
     progress = None if quiet else sys.stderr
     bundle = read_bundle(job.bundle)
     source = open_input(job.input, job.text_column)
-    clash = set(output_columns(bundle.labels)) & set(source.columns)
-    if clash:
-        raise UserError(f"the input already has a column {sorted(clash)[0]!r}, which scoring writes; rename it first")
+    refuse_clashing_columns(bundle.labels, source.columns)
     with _locked_output(job.output):
         record = job_record(job, source, bundle.root)
         _start_or_resume(job, record)

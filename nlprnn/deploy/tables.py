@@ -43,6 +43,12 @@ def output_columns(labels: list[str]) -> list[str]:
     return [LABEL_COLUMN] + [PROBABILITY_PREFIX + label for label in labels]
 
 
+def refuse_clashing_columns(labels: list[str], columns: list[str] | tuple[str, ...]) -> None:
+    """One line, before anything is written, when an input column has a name that scoring writes."""
+    if clash := set(output_columns(labels)) & set(columns):
+        raise UserError(f"the input already has a column {sorted(clash)[0]!r}, which scoring writes; rename it first")
+
+
 @dataclass
 class Counts:
     """What happened to the rows of a part (or of a whole job)."""
@@ -121,12 +127,9 @@ def open_input(path: str | Path, text_column: str) -> InputFiles:
             f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, first_columns))}); "
             "name the text column with --text_column"
         )
-    if fmt == "parquet":
-        kind = pq.read_schema(files[0]).field(text_column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-                or pa.types.is_large_binary(kind) or pa.types.is_null(kind)):
-            raise UserError(f"column {text_column!r} of {files[0]} holds {kind}, not text; name the text column "
-                            "with --text_column")
+    if fmt == "parquet" and not _holds_text(kind := pq.read_schema(files[0]).field(text_column).type):
+        raise UserError(f"column {text_column!r} of {files[0]} holds {kind}, not text; name the text column "
+                        "with --text_column")
     return InputFiles(tuple(files), fmt, text_column, tuple(first_columns))
 
 
@@ -137,12 +140,12 @@ def decode_texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], 
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if not _holds_text(column.type):
+        raise UserError(f"the text column holds {column.type}, not text")
     if pa.types.is_null(column.type):
         return [None] * len(column), 0
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return column.to_pylist(), 0
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise UserError(f"the text column holds {column.type}, not text")
     try:
         return column.cast(pa.large_string()).to_pylist(), 0  # validates UTF-8 in one pass
     except pa.ArrowInvalid:
@@ -158,6 +161,13 @@ def decode_texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], 
                 texts.append(value.decode("utf-8", errors="replace"))
                 undecodable += 1
         return texts, undecodable
+
+
+def _holds_text(kind: pa.DataType) -> bool:
+    """Strings, bytes to decode, or nothing at all (a column of nulls)."""
+    types = pa.types
+    return any(is_(kind) for is_ in (types.is_string, types.is_large_string, types.is_binary, types.is_large_binary,
+                                     types.is_null))
 
 
 def score_table(
