@@ -215,6 +215,7 @@ def _score_in_processes(
             if process.is_alive():
                 process.kill()  # safe at any moment: a part is either whole and recorded, or rescored
             process.join()
+        _remove_temporaries(job.output)  # what a killed worker was writing; nobody writes any more
     return results[0]
 
 
