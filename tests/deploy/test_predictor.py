@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,10 +102,34 @@ def test_threads_are_set_deliberately(tiny_bundle, predictor):
     assert (default.intra_op_num_threads, default.inter_op_num_threads) == (available_cores(), 1)
 
 
+def test_parallel_calls_give_the_same_scores_from_one_thread_per_call(tiny_bundle, predictor, monkeypatch):
+    parallel = Predictor(tiny_bundle, batch_size=3, threads=2, parallel_calls=True)
+    options = parallel.session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    threads = set()
+    run = parallel.run
+
+    def recorded(ids, lengths):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough for the other thread to take a call of its own
+        return run(ids, lengths)
+
+    monkeypatch.setattr(parallel, "run", recorded)
+    texts = TEXTS * 4  # 28 texts: 10 calls of at most 3
+    together, alone = parallel.score(texts), predictor.score(texts)
+    assert np.abs(together.logits - alone.logits).max() <= 1e-6
+    assert np.abs(together.probabilities - alone.probabilities).max() <= 1e-6
+    assert len(threads) == 2 and all(name.startswith("nlprnn-call") for name in threads)
+    threads.clear()
+    parallel.score(TEXTS[:1])  # a single call runs where it is asked for
+    assert threads == {threading.current_thread().name}
+
+
 @pytest.mark.parametrize("option, value", [("threads", 0), ("batch_size", 0)])
-def test_bad_options(tiny_bundle, option, value):
+@pytest.mark.parametrize("parallel_calls", [False, True])
+def test_bad_options(tiny_bundle, option, value, parallel_calls):
     with pytest.raises(UserError, match=f"{option} must be at least 1"):
-        Predictor(tiny_bundle, **{option: value})
+        Predictor(tiny_bundle, parallel_calls=parallel_calls, **{option: value})
 
 
 @pytest.fixture
