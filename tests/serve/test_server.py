@@ -167,15 +167,18 @@ def post_concurrently(server: Server, requests: list[list[str]]) -> list[tuple[i
         return list(pool.map(server.classify, requests))
 
 
-def test_concurrent_requests_are_batched_together(bundle):
-    server = Server(bundle, "--max_wait_ms", "300")
+@pytest.mark.parametrize("threads", ["1", "2"])  # with 2, a batch's 8 model calls of 2 texts run on two threads
+def test_concurrent_requests_are_batched_together(bundle, threads):
+    server = Server(bundle, "--max_wait_ms", "300", "--threads", threads, "--model_batch_size", "2")
     try:
         requests = [[f"good movie {i}", "awful plot"] for i in range(8)]
         answers = post_concurrently(server, requests)
         assert [status for status, _, _ in answers] == [200] * 8
         expected = Predictor(bundle, threads=1).predict([text for texts in requests for text in texts])
-        got = [result["label"] for _, _, body in answers for result in body["results"]]
-        assert got == [label for label, _ in expected]  # each request got its own texts' results back
+        got = [result for _, _, body in answers for result in body["results"]]
+        assert [result["label"] for result in got] == [label for label, _ in expected]  # each request got its own
+        for result, (_, probabilities) in zip(got, expected):
+            assert result["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         metrics = server.metrics()
         assert metrics["nlprnn_batch_size_sum"] == 16
         assert metrics["nlprnn_batch_size_sum"] / metrics["nlprnn_batch_size_count"] > 1
