@@ -33,10 +33,10 @@ Latency percentiles are over 200 responses; throughput counts the 200 responses 
 measured window. Every request has a client-side timeout; each HTTP status and each way of getting no
 response (timeout, reset, closed, truncated, connect errors) is counted separately. The client is one
 single-threaded asyncio process with raw HTTP/1.1 and request bodies encoded up front, so it costs the
-shared CPUs little (0.1-0.2 of a core); the server gets `--server_threads` threads (default: every core: its
-model threads run one call each and never spin-wait, so the client's share is taken from them by the
-operating system, not fought over). The script exits 1 when a correctness check fails (lost or hung requests, a status other than 200
-or 503 under overload, no recovery, a non-zero exit, counts that differ).
+shared CPUs little (0.1-0.2 of a core); the server gets `--server_threads` threads (default: every core; its
+model threads run one call each and never spin-wait, so the operating system shares the cores with the client
+rather than the two fighting over them). The script exits 1 when a correctness check fails (lost or hung
+requests, a status other than 200 or 503 under overload, no recovery, a non-zero exit, counts that differ).
 """
 
 from __future__ import annotations
