@@ -38,7 +38,7 @@ from nlprnn.callbacks.report import ConfusionMatrixReport
 from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
-from nlprnn.derived import PATIENCE_EPOCHS, epoch_budget
+from nlprnn.derived import epoch_budget, patience_for
 from nlprnn.errors import UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name
@@ -88,9 +88,12 @@ class FitCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         derived = {**self.datamodule.derived, **self.model.derived}
         if self.budget_left_open(trainer_config):
-            derived["trainer.max_epochs"] = epoch_budget(self.datamodule.train_size, self.datamodule.batch_size)
+            examples, batch_size = self.datamodule.train_size, self.datamodule.batch_size
+            derived["trainer.max_epochs"] = epoch_budget(examples, batch_size)
+            derived["early stopping patience"] = patience_for(examples, batch_size)
             kwargs["max_epochs"] = derived["trainer.max_epochs"].value
-            callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=PATIENCE_EPOCHS))
+            callbacks.append(EarlyStopping(monitor="val_acc", mode="max",
+                                           patience=derived["early stopping patience"].value))
         for name, choice in derived.items():
             rank_zero_info(f"{name} = {choice.value} (derived: {choice.reason})")
         callbacks.append(ModelCheckpoint(

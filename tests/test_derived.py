@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import FILLER, NEGATIVE, POSITIVE, write_csv
-from nlprnn.derived import MAX_EPOCHS, MAX_LENGTH, MIN_EPOCHS, MIN_LENGTH, epoch_budget, max_length_from
+from nlprnn.derived import (
+    MAX_EPOCHS, MAX_LENGTH, MIN_EPOCHS, MIN_LENGTH, MIN_PATIENCE_EPOCHS, epoch_budget, max_length_from, patience_for,
+)
 from test_fit import TINY_MODEL, fit
 
 
@@ -27,6 +29,14 @@ def test_small_data_gets_more_epochs_and_large_data_fewer():
     assert epoch_budget(1_700, 64).value > epoch_budget(8_000, 64).value > epoch_budget(30_000, 64).value
     assert epoch_budget(100, 64).value == MAX_EPOCHS and epoch_budget(10_000_000, 64).value == MIN_EPOCHS
     assert "1500 optimizer steps at 27 per epoch" in epoch_budget(1_700, 64).reason
+
+
+def test_patience_is_counted_in_optimizer_steps():
+    assert patience_for(1_700, 64).value == 10  # bbc-news: 27 steps per epoch
+    assert patience_for(3_600, 64).value == 5  # 57 steps per epoch
+    assert patience_for(8_500, 64).value == patience_for(10_000_000, 64).value == MIN_PATIENCE_EPOCHS
+    assert patience_for(10, 64).value == 10  # at most a quarter of the most epochs
+    assert "after 10 epochs of 27 steps without a better validation accuracy" in patience_for(1_700, 64).reason
 
 
 def make_texts(n: int, words: int, seed: int = 0) -> list[dict[str, str]]:
@@ -61,6 +71,7 @@ def test_short_and_long_texts_get_different_settings_and_say_why(tmp_path, words
     assert f"model.ngram_dim = {bag} (derived: the median training text has" in log
     epochs = epoch_budget(160, 16).value  # 80% of 200 train, batch size 16 (TINY_MODEL)
     assert f"trainer.max_epochs = {epochs} (derived: about 1500 optimizer steps" in log
+    assert f"early stopping patience = {patience_for(160, 16).value} (derived: training stops after" in log
     hparams = state["hyper_parameters"]
     assert hparams["ngram_dim"] is None and (hparams["typical_length"] >= 64) == bool(bag)
     assert ("ngrams.table.weight" in state["state_dict"]) == bool(bag)
