@@ -23,8 +23,8 @@ NGRAM_DIM = 64  # width of the n-gram bag the model reads beside its recurrence 
 
 TARGET_STEPS = 1500  # optimizer steps a run aims for, whatever the size of its data
 MIN_EPOCHS, MAX_EPOCHS = 4, 40
-PATIENCE_STEPS = 250  # optimizer steps without a better validation accuracy before training stops,
-MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS = 4, 10  # counted in whole epochs within these bounds
+PATIENCE_STEPS = 250  # optimizer steps without a better validation accuracy before training stops
+MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS = 4, 10  # in whole epochs; at most a quarter of MAX_EPOCHS
 
 
 @dataclass(frozen=True)

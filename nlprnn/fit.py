@@ -90,10 +90,9 @@ class FitCLI(LightningCLI):
         if self.budget_left_open(trainer_config):
             examples, batch_size = self.datamodule.train_size, self.datamodule.batch_size
             derived["trainer.max_epochs"] = epoch_budget(examples, batch_size)
-            derived["early stopping patience"] = patience_for(examples, batch_size)
+            derived["early stopping patience"] = patience = patience_for(examples, batch_size)
             kwargs["max_epochs"] = derived["trainer.max_epochs"].value
-            callbacks.append(EarlyStopping(monitor="val_acc", mode="max",
-                                           patience=derived["early stopping patience"].value))
+            callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=patience.value))
         for name, choice in derived.items():
             rank_zero_info(f"{name} = {choice.value} (derived: {choice.reason})")
         callbacks.append(ModelCheckpoint(
