@@ -23,7 +23,7 @@ NGRAM_DIM = 64  # width of the n-gram bag the model reads beside its recurrence 
 
 TARGET_STEPS = 1500  # optimizer steps a run aims for, whatever the size of its data
 MIN_EPOCHS, MAX_EPOCHS = 4, 40
-PATIENCE_STEPS = 250  # optimizer steps without a better validation accuracy before training stops
+PATIENCE_STEPS = 250  # optimizer steps without a better validation epoch before training stops
 MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS = 4, 10  # in whole epochs; at most a quarter of MAX_EPOCHS
 
 
@@ -81,7 +81,7 @@ def epoch_budget(train_examples: int, batch_size: int) -> Derived:
 
 
 def patience_for(train_examples: int, batch_size: int) -> Derived:
-    """Epochs without a better validation accuracy after which a derived budget stops early.
+    """Epochs without a better validation epoch (nlprnn.callbacks.selection) after which a derived budget stops.
 
     About PATIENCE_STEPS optimizer steps, a sixth of the budget, within MIN..MAX_PATIENCE_EPOCHS. A fixed 4
     epochs were 108 steps on bbc-news (27 per epoch), where one seed stopped at its 9th epoch of 40 with
@@ -91,7 +91,7 @@ def patience_for(train_examples: int, batch_size: int) -> Derived:
     steps_per_epoch = _steps_per_epoch(train_examples, batch_size)
     value = int(np.clip(math.ceil(PATIENCE_STEPS / steps_per_epoch), MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS))
     return Derived(value, f"training stops after {value} epochs of {steps_per_epoch} steps without a better "
-                          f"validation accuracy: about {PATIENCE_STEPS} steps "
+                          f"validation epoch (higher accuracy, or equal with lower loss): about {PATIENCE_STEPS} steps "
                           f"(bounds {MIN_PATIENCE_EPOCHS}..{MAX_PATIENCE_EPOCHS} epochs)")
 
 

@@ -20,9 +20,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import (
-    Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar,
-)
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -36,6 +34,7 @@ from nlprnn.callbacks.last_checkpoint import LastCheckpoint
 from nlprnn.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossGuard
 from nlprnn.callbacks.report import ConfusionMatrixReport
 from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
+from nlprnn.callbacks.selection import BestCheckpoint
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import epoch_budget, patience_for
@@ -87,17 +86,16 @@ class FitCLI(LightningCLI):
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
         derived = {**self.datamodule.derived, **self.model.derived}
+        patience = None
         if self.budget_left_open(trainer_config):
             examples, batch_size = self.datamodule.train_size, self.datamodule.batch_size
             derived["trainer.max_epochs"] = epoch_budget(examples, batch_size)
-            derived["early stopping patience"] = patience = patience_for(examples, batch_size)
+            derived["early stopping patience"] = patience_for(examples, batch_size)
             kwargs["max_epochs"] = derived["trainer.max_epochs"].value
-            callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=patience.value))
+            patience = derived["early stopping patience"].value
+        callbacks.append(BestCheckpoint(self.run_dir, patience))
         for name, choice in derived.items():
             rank_zero_info(f"{name} = {choice.value} (derived: {choice.reason})")
-        callbacks.append(ModelCheckpoint(
-            dirpath=self.run_dir, filename="best", monitor="val_acc", mode="max", auto_insert_metric_name=False,
-        ))
         guard = NonFiniteLossGuard()  # checked before last.ckpt is written, so it comes first
         callbacks += [guard, LastCheckpoint(self.run_dir, self.config.checkpoint_every_n_steps, guard),
                       RestoreLoaderPosition(), ConfusionMatrixReport(self.run_dir), CalibrationReport(self.run_dir)]

@@ -38,7 +38,8 @@ DEFAULT_SEEDS = [1, 2, 3]
 RUN_RECORD = "accuracy_run.json"  # beside a run's metrics.json: its wall time and command
 STDERR_TAIL_LINES = 40
 TEST_USE = (
-    "Each run selects its checkpoint on the validation split (the epoch with the best validation accuracy); "
+    "Each run selects its checkpoint on the validation split (the epoch with the best validation accuracy; among "
+    "epochs tied on it, the lowest validation loss); "
     "the test split is read once per run, at the end, by that checkpoint, and by the baseline. "
     "Seeds change the initialisation, dropout and batch order, not the data split."
 )

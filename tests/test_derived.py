@@ -36,7 +36,7 @@ def test_patience_is_counted_in_optimizer_steps():
     assert patience_for(3_600, 64).value == 5  # 57 steps per epoch
     assert patience_for(8_500, 64).value == patience_for(10_000_000, 64).value == MIN_PATIENCE_EPOCHS
     assert patience_for(10, 64).value == 10  # at most a quarter of the most epochs
-    assert "after 10 epochs of 27 steps without a better validation accuracy" in patience_for(1_700, 64).reason
+    assert "after 10 epochs of 27 steps without a better validation epoch" in patience_for(1_700, 64).reason
 
 
 def make_texts(n: int, words: int, seed: int = 0) -> list[dict[str, str]]:
@@ -66,7 +66,7 @@ def run(tmp_path: Path, data: Path, *args: str):
 @pytest.mark.parametrize("words,length,bag", [(6, 16, 0), (120, 128, 64)])
 def test_short_and_long_texts_get_different_settings_and_say_why(tmp_path, words, length, bag):
     data = write_csv(tmp_path / f"texts{words}.csv", make_texts(200, words))
-    log, state, _ = run(tmp_path, data)
+    log, state, _ = run(tmp_path, data, "--model.lr", "0")  # a model that never changes: no epoch is better
     assert f"data.max_length = {length} (derived: " in log
     assert f"model.ngram_dim = {bag} (derived: the median training text has" in log
     epochs = epoch_budget(160, 16).value  # 80% of 200 train, batch size 16 (TINY_MODEL)
@@ -75,8 +75,10 @@ def test_short_and_long_texts_get_different_settings_and_say_why(tmp_path, words
     hparams = state["hyper_parameters"]
     assert hparams["ngram_dim"] is None and (hparams["typical_length"] >= 64) == bool(bag)
     assert ("ngrams.table.weight" in state["state_dict"]) == bool(bag)
-    # early stopping on validation accuracy ends the run before the derived budget is used up
-    assert "EarlyStopping" in "".join(state["callbacks"]) and state["epoch"] < epochs - 1
+    # early stopping on validation ends the run: nothing beats epoch 0, so it stops `patience` epochs after it
+    patience = patience_for(160, 16).value
+    assert f"stopped early after epoch {patience}: no better validation epoch in the last {patience}" in log
+    assert state["epoch"] == patience < epochs - 1
 
 
 def test_explicit_settings_win_over_derived_ones(tmp_path):
@@ -85,6 +87,7 @@ def test_explicit_settings_win_over_derived_ones(tmp_path):
                               "--trainer.max_epochs", "3")
     assert "(derived: " not in log
     assert state["hyper_parameters"]["ngram_dim"] == 8 and state["state_dict"]["ngrams.table.weight"].shape[1] == 8
-    assert not any("EarlyStopping" in key for key in state["callbacks"])
+    assert "stopped early" not in log
+    assert next(v for k, v in state["callbacks"].items() if "BestCheckpoint" in k)["patience"] is None
     assert json.loads((run_dir / "tokenizer.json").read_text())["truncation"]["max_length"] == 40
     assert state["epoch"] == 2  # the third epoch, counted from 0: the three asked for, no more and no fewer

@@ -85,7 +85,7 @@ def assert_same_training(resumed: dict, uninterrupted: dict) -> None:
     assert resumed["global_step"] == uninterrupted["global_step"] == 3 * STEPS_PER_EPOCH
     assert resumed["optimizer_states"][0]["state"][0]["step"] == 3 * STEPS_PER_EPOCH
     assert resumed["lr_schedulers"][0]["last_epoch"] == uninterrupted["lr_schedulers"][0]["last_epoch"]
-    final_val_acc = [next(s["current_score"] for k, s in c["callbacks"].items() if "ModelCheckpoint" in k)
+    final_val_acc = [next(s["current_score"] for k, s in c["callbacks"].items() if "BestCheckpoint" in k)
                      for c in (resumed, uninterrupted)]
     assert abs(final_val_acc[0] - final_val_acc[1]) <= 0.1  # 20 validation examples: 2 of them
     # With the same batches in the same order (no dropout), the weights agree to rounding.

@@ -1,0 +1,71 @@
+"""The best checkpoint and early stopping, decided by one rule: the highest validation accuracy and,
+among epochs tied on it, the lowest validation loss.
+
+Validation accuracy moves in steps of one example: on a few hundred of them many epochs tie, and keeping
+the first of the tied ones keeps the least trained. The loss ranks tied epochs by how surely they are right.
+Measured on validation data alone by scripts/selection_rules.py (an epoch chosen on a random 80% of the
+validation split and scored on the other 20%, 300 splits, seeds 1-3 of the default recipe), against keeping
+the first of the tied epochs: movie-snippets +0.10 points, trec6 +0.02, sms-spam +0.09, bbc-news +0.16.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+MONITOR, TIE_BREAK = "val_acc", "val_loss"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`<dirpath>/best.ckpt`: the epoch with the highest val_acc, ties going to the lower val_loss.
+
+    With `patience`, training also ends after that many epochs without a better epoch. The checkpoint decides
+    both, so the epoch kept and the epochs waited never disagree.
+    """
+
+    def __init__(self, dirpath: Path, patience: int | None = None) -> None:
+        # Saved when validation ends, before the epoch's last.ckpt (nlprnn.callbacks.last_checkpoint): a resume
+        # then finds this epoch's decision in it. Lightning would otherwise save after last.ckpt is written.
+        super().__init__(dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", auto_insert_metric_name=False,
+                         save_on_train_epoch_end=False)
+        self.patience = patience
+        self.best_epoch = -1  # none yet
+        self.best_tie_break = math.inf
+        self.stopped_epoch = -1
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        loss = float(trainer.callback_metrics.get(TIE_BREAK, math.inf))
+        better = super().check_monitor_top_k(trainer, current)  # strictly higher accuracy, or the first epoch
+        if not better and current is not None and self.best_model_score is not None:
+            tied = bool(current == self.best_model_score) and loss < self.best_tie_break
+            better = trainer.strategy.reduce_boolean_decision(tied)  # every process decides alike
+        if better:
+            self.best_epoch, self.best_tie_break = trainer.current_epoch, loss
+        return better
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        best = self.best_epoch
+        if (self.patience is None or best < 0 or trainer.sanity_checking or trainer.should_stop
+                or trainer.current_epoch - best < self.patience):
+            return
+        trainer.should_stop = True
+        self.stopped_epoch = trainer.current_epoch
+        rank_zero_info(f"stopped early after epoch {trainer.current_epoch}: no better validation epoch in the "
+                       f"last {self.patience} (best: epoch {best})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_epoch": self.best_epoch, "best_tie_break": self.best_tie_break,
+                "patience": self.patience, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_epoch = state_dict.get("best_epoch", -1)
+        self.best_tie_break = state_dict.get("best_tie_break", math.inf)
+        self.stopped_epoch = state_dict.get("stopped_epoch", -1)
