@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
+from conftest import load_script
 from test_fit import TINY_MODEL
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "selection_rules.py"
-spec = importlib.util.spec_from_file_location("selection_rules", SCRIPT)
-rules = importlib.util.module_from_spec(spec)
-sys.modules["selection_rules"] = rules
-spec.loader.exec_module(rules)
+rules = load_script("selection_rules")
 
 
 def test_each_rule_keeps_its_epoch_and_stops_after_patience():
