@@ -40,7 +40,7 @@ from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import epoch_budget, patience_for
 from nlprnn.errors import UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
-from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name
+from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name, run_name_handover
 from nlprnn.threads import fit_threads_to_machine
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -298,6 +298,11 @@ def main(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test
 
 def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True) -> dict[str, float]:
     """main() without the one-line report: a ReportedError reaches the caller (nlprnn.tune runs trials with it)."""
+    with run_name_handover():
+        return _run(args, callbacks, test)
+
+
+def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool) -> dict[str, float]:
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change

@@ -5,12 +5,27 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nlprnn.errors import UserError
 
 # Set by the launching process so that the processes it starts for other devices use its folder.
 RUN_NAME_ENV = "NLPRNN_RUN_NAME"
+
+
+@contextmanager
+def run_name_handover() -> Iterator[None]:
+    """RUN_NAME_ENV as it was before the run, once the run ends: the processes a run starts inherit its name,
+    the next run of the same process (a notebook, a script calling fit twice) does not."""
+    before = os.environ.get(RUN_NAME_ENV)
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_NAME_ENV, None)
+        if before is not None:
+            os.environ[RUN_NAME_ENV] = before
 
 
 def dataset_stem(dataset: str) -> str:

@@ -155,7 +155,6 @@ def run_dir(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("NLPRNN_CACHE", str(root / "cache"))
         env.setenv("WANDB_MODE", "offline")
-        env.delenv("NLPRNN_RUN_NAME", raising=False)
         fit([
             "--data.train_file", str(data), "--data.max_length", "40", "--data.batch_size", "16",
             "--model.embedding_dim", "8", "--model.encoder.hidden_size", "8", "--trainer.max_epochs", "1",

@@ -37,11 +37,6 @@ def tiny(csv: Path, out: Path, run: str | None, *extra: str) -> list[str]:
     ]
 
 
-def fit_in_process(args: list[str], monkeypatch) -> dict[str, float]:
-    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)  # set by the previous run of this process
-    return main(args)
-
-
 class StallAt(Callback):
     """At optimizer step `step`, create `marker` and wait there until SIGTERM arrives (or a kill)."""
 
@@ -93,7 +88,7 @@ def assert_same_training(resumed: dict, uninterrupted: dict) -> None:
         torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=1e-5, msg=name)
 
 
-def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_csv, monkeypatch):
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_csv):
     out = tmp_path / "runs"
     proc, _ = fit_stalled_at(6, tiny(tiny_csv, out, "killed", "--checkpoint_every_n_steps", "4"), tmp_path)
     proc.kill()  # SIGKILL: no handler, no cleanup
@@ -102,12 +97,12 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tin
     assert saved["global_step"] == 4  # the last every-4-steps save before step 6, mid-epoch 0
     assert not list((out / "killed").glob(".*tmp")), "a temporary checkpoint file was left behind"
 
-    fit_in_process(tiny(tiny_csv, out, "killed", "--ckpt_path", "last"), monkeypatch)
-    fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
+    main(tiny(tiny_csv, out, "killed", "--ckpt_path", "last"))
+    main(tiny(tiny_csv, out, "uninterrupted"))
     assert_same_training(load(out / "killed" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
 
 
-def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_path, tiny_csv, monkeypatch):
+def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_path, tiny_csv):
     out = tmp_path / "runs"
     proc, log = fit_stalled_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), tmp_path)
     proc.send_signal(signal.SIGTERM)
@@ -123,8 +118,8 @@ def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_pa
     assert "combined_loader" not in saved["loops"]["fit_loop"]["state_dict"]  # restored in one place only
     TextClassifier.load_from_checkpoint(out / "stopped" / "last.ckpt", map_location="cpu")
 
-    fit_in_process(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"), monkeypatch)
-    fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
+    main(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"))
+    main(tiny(tiny_csv, out, "uninterrupted"))
     assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
 
 
@@ -150,10 +145,9 @@ class RecordBatches(Callback):
         self.batches.append((trainer.current_epoch, seen))
 
 
-def stopped_at(step: int, args: list[str], monkeypatch) -> list[tuple[int, str]]:
+def stopped_at(step: int, args: list[str]) -> list[tuple[int, str]]:
     """Run in this process until SIGTERM at optimizer step `step`; the batches it trained on."""
     record = RecordBatches()
-    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         main(args, callbacks=[record, TermAt(step)])
     assert exit_info.value.code == 143
@@ -161,18 +155,15 @@ def stopped_at(step: int, args: list[str], monkeypatch) -> list[tuple[int, str]]
 
 
 def test_resume_without_an_lr_schedule_trains_exactly_the_batches_of_an_uninterrupted_run(
-    tmp_path, tiny_csv, monkeypatch
+    tmp_path, tiny_csv
 ):
     # No warm-up and no decay: nothing reads estimated_stepping_batches, so Lightning creates the loader
     # after loading the checkpoint (its own restore path); the position must still be restored exactly once.
     out, constant_lr = tmp_path / "runs", ["--model.warmup_steps", "0", "--model.lr_decay", "false"]
-    before = stopped_at(13, tiny(tiny_csv, out, "stopped", *constant_lr, "--checkpoint_every_n_steps", "0"),
-                        monkeypatch)
+    before = stopped_at(13, tiny(tiny_csv, out, "stopped", *constant_lr, "--checkpoint_every_n_steps", "0"))
     assert len(before) == 13 and before[-1][0] == 1  # stopped mid-epoch 1, after 3 of its batches
     after, uninterrupted = RecordBatches(), RecordBatches()
-    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
     main(tiny(tiny_csv, out, "stopped", *constant_lr, "--ckpt_path", "last"), callbacks=[after])
-    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
     main(tiny(tiny_csv, out, "uninterrupted", *constant_lr), callbacks=[uninterrupted])
     assert before + after.batches == uninterrupted.batches  # none repeated, none left out, same order
     resumed, whole = load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt")
@@ -182,16 +173,16 @@ def test_resume_without_an_lr_schedule_trains_exactly_the_batches_of_an_uninterr
 
 
 def test_resuming_with_another_batch_size_is_refused_in_one_line_and_changes_nothing(
-    tmp_path, tiny_csv, monkeypatch, capsys
+    tmp_path, tiny_csv, capsys
 ):
     out = tmp_path / "runs"
-    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), monkeypatch)
+    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"))
     run = out / "stopped"
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
     resumed = tiny(tiny_csv, out, "stopped", "--ckpt_path", "last", "--data.batch_size", "8")
     with pytest.raises(SystemExit) as exit_info:
-        fit_in_process(resumed, monkeypatch)
+        main(resumed)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -201,16 +192,16 @@ def test_resuming_with_another_batch_size_is_refused_in_one_line_and_changes_not
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.yaml and last.ckpt untouched
 
 
-def test_a_checkpoint_without_the_batch_position_is_refused(tmp_path, tiny_csv, monkeypatch, capsys):
+def test_a_checkpoint_without_the_batch_position_is_refused(tmp_path, tiny_csv, capsys):
     out = tmp_path / "runs"
-    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), monkeypatch)
+    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"))
     checkpoint = load(out / "stopped" / "last.ckpt")
     del checkpoint["callbacks"]["RestoreLoaderPosition"]  # as an earlier nlprnn wrote it
     checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 0, "batches": 5}]
     torch.save(checkpoint, out / "stopped" / "last.ckpt")
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        fit_in_process(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"), monkeypatch)
+        main(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"))
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("nlprnn.fit: error: cannot resume: last.ckpt does not record the order of its training")
 
@@ -227,7 +218,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     monkeypatch.setattr(TextClassifier, "training_step", poisoned)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as exit_info:
-        fit_in_process(tiny(tiny_csv, out, "nan", "--checkpoint_every_n_steps", "5"), monkeypatch)
+        main(tiny(tiny_csv, out, "nan", "--checkpoint_every_n_steps", "5"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("nlprnn.fit: error: the training loss became NaN or infinite at step 7;")
@@ -251,25 +242,26 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
         check_resumable(path)
 
 
-def test_resuming_from_a_truncated_last_checkpoint_is_one_line_on_stderr(tmp_path, tiny_csv, monkeypatch, capsys):
+def test_resuming_from_a_truncated_last_checkpoint_is_one_line_on_stderr(tmp_path, tiny_csv, capsys):
     run = tmp_path / "runs" / "broken"
     run.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.randn(64, 64)}}, run / "last.ckpt")
     (run / "last.ckpt").write_bytes((run / "last.ckpt").read_bytes()[:100])
     with pytest.raises(SystemExit) as exit_info:
-        fit_in_process(tiny(tiny_csv, tmp_path / "runs", "broken", "--ckpt_path", "last"), monkeypatch)
+        main(tiny(tiny_csv, tmp_path / "runs", "broken", "--ckpt_path", "last"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"nlprnn.fit: error: cannot resume: {run / 'last.ckpt'} is not a readable checkpoint")
     assert run.is_dir()  # the user's run folder is never removed
 
 
-def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, tiny_csv, monkeypatch):
+def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, tiny_csv):
     # Dropout on, so the seeded random stream matters too.
     dropout = ["--model.embedding_dropout", "0.2", "--model.dropout", "0.2", "--trainer.max_epochs", "2"]
-    first = fit_in_process(tiny(tiny_csv, tmp_path / "runs", "first", *dropout), monkeypatch)
-    second = fit_in_process(tiny(tiny_csv, tmp_path / "runs", "second", *dropout), monkeypatch)
+    first = main(tiny(tiny_csv, tmp_path / "runs", "first", *dropout))
+    second = main(tiny(tiny_csv, tmp_path / "runs", "second", *dropout))
     assert first == second and all(math.isfinite(v) for v in first.values())
-    assert json.loads((tmp_path / "runs" / "first" / "metrics.json").read_text()) == first
+    for name, metrics in (("first", first), ("second", second)):  # one process, each run in its own folder
+        assert json.loads((tmp_path / "runs" / name / "metrics.json").read_text()) == metrics
     a, b = (load(tmp_path / "runs" / r / "last.ckpt")["state_dict"] for r in ("first", "second"))
     assert all(torch.equal(a[name], b[name]) for name in a)

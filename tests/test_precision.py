@@ -17,8 +17,7 @@ from nlprnn.models.encoder import RNNEncoder
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_bf16_mixed_fit_with_each_cell(tmp_path, tiny_csv, monkeypatch, cell):
-    monkeypatch.delenv("NLPRNN_RUN_NAME", raising=False)
+def test_bf16_mixed_fit_with_each_cell(tmp_path, tiny_csv, cell):
     metrics = main([
         "--data.train_file", str(tiny_csv), "--data.batch_size", "16", "--trainer.precision", "bf16-mixed",
         "--model.embedding_dim", "16", "--model.encoder.cell", cell, "--model.encoder.hidden_size", "16",
