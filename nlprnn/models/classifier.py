@@ -43,6 +43,7 @@ class TextClassifier(L.LightningModule):
         freeze_embedding: bool = False,
         ngram_dim: int | None = None,
         ngram_buckets: int = 100_003,
+        ngram_lr_scale: float = 30.0,
         recurrent_length: int | None = None,
         typical_length: int = 0,
     ) -> None:
@@ -72,6 +73,9 @@ class TextClassifier(L.LightningModule):
                 beside the recurrent encoder and joined to its pooled state before the output layer; 0: none;
                 None: derived from typical_length (on for documents, off for short texts; see nlprnn.derived).
             ngram_buckets: hash buckets of the word pairs in that bag.
+            ngram_lr_scale: the bag's table learns at lr x this. A row moves only in the batches whose texts hold
+                its word or pair, so at lr the rare ones barely leave their random start (fastText learns its
+                n-grams at a high rate for the same reason); 1: the bag learns at lr like the rest.
             recurrent_length: the recurrence reads at most this many first tokens of a text, which bounds its
                 cost on long documents; the n-gram bag reads all of them (up to data.max_length). None: all.
             typical_length: the median token count of the training texts (linked from the data).
@@ -188,6 +192,14 @@ class TextClassifier(L.LightningModule):
             raise UserError(f"model.{option} needs the data's {attribute}: train with nlprnn's TextDataModule")
         return getattr(data, attribute)
 
+    def _parameter_groups(self) -> list[dict]:
+        """AdamW's parameter groups: the n-gram table at lr x ngram_lr_scale, everything else at lr."""
+        if self.ngrams is None:
+            return [{"params": list(self.parameters())}]
+        table = self.ngrams.table.weight
+        rest = [p for p in self.parameters() if p is not table]
+        return [{"params": rest}, {"params": [table], "lr": self.hparams.lr * self.hparams.ngram_lr_scale}]
+
     def configure_optimizers(self):
         # The fused update is one vectorised kernel over all parameters; the default per-tensor loop
         # costs about 3x more per step on a CPU, mostly on the embedding.
@@ -195,7 +207,7 @@ class TextClassifier(L.LightningModule):
         # Under mixed precision Lightning refuses to clip a fused optimizer's gradients (it unscales them itself).
         fused = fused and "mixed" not in str(getattr(self._trainer, "precision", ""))
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused or None
+            self._parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused or None
         )
         warmup, decay = self.hparams.warmup_steps, self.hparams.lr_decay
         if not warmup and not decay:

@@ -75,3 +75,24 @@ def test_the_recurrence_reads_only_its_opening_and_the_bag_all_of_the_text():
             assert (model(late, lengths)[0] != logits[0]).any() == changes
             for b, n in enumerate(lengths.tolist()):  # padding still changes nothing
                 torch.testing.assert_close(model(ids[b : b + 1, :n], lengths[b : b + 1])[0], logits[b], rtol=0, atol=1e-5)
+
+
+def test_the_bag_learns_at_its_own_rate_and_the_rest_at_lr():
+    torch.manual_seed(0)
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS, lr=1e-3, ngram_lr_scale=10.0)
+    optimizer = model.configure_optimizers()
+    rest, bag = optimizer.param_groups
+    assert (rest["lr"], bag["lr"]) == (1e-3, pytest.approx(1e-2)) and bag["params"] == [model.ngrams.table.weight]
+    assert len(rest["params"]) + len(bag["params"]) == len(list(model.parameters()))
+    table, embedding = model.ngrams.table.weight.detach().clone(), model.embedding.weight.detach().clone()
+    ids, lengths = torch.tensor([[3, 7, 2]]), torch.tensor([3])
+    model.loss(model(ids, lengths), torch.tensor([1])).backward()
+    optimizer.step()  # Adam's first step moves every parameter with a gradient by about its group's lr
+    assert (model.ngrams.table.weight - table)[3].abs().max().item() == pytest.approx(1e-2, rel=0.05)
+    assert (model.embedding.weight - embedding)[3].abs().max().item() == pytest.approx(1e-3, rel=0.05)
+
+
+def test_without_a_bag_every_parameter_learns_at_lr():
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=0, lr=1e-3)
+    (group,) = model.configure_optimizers().param_groups
+    assert group["lr"] == 1e-3 and len(group["params"]) == len(list(model.parameters()))
