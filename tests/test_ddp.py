@@ -83,10 +83,10 @@ def test_two_process_ddp_run_matches_a_single_process_evaluation(tmp_path, tiny_
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
-def test_resuming_a_one_process_run_with_two_processes_is_refused_in_one_line(tmp_path, tiny_csv, monkeypatch):
+def test_resuming_a_one_process_run_with_two_processes_is_refused_in_one_line(tmp_path, tiny_csv):
     out = tmp_path / "runs"
     args = tiny(tiny_csv, out, "single", "--checkpoint_every_n_steps", "0")
-    stopped_at(5, args, monkeypatch)
+    stopped_at(5, args)
     before = {p.name: p.read_bytes() for p in (out / "single").iterdir()}
     proc = fit(*args, "--ckpt_path", "last", *TWO_PROCESSES, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -9,9 +9,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_faults import assert_same_training, fit_in_process, fit_stalled_at, load, tiny
+from test_faults import assert_same_training, fit_stalled_at, load, tiny
 
 from nlprnn import slurm
+from nlprnn.fit import main
 
 
 @pytest.fixture
@@ -56,9 +57,9 @@ def test_the_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(tmp_p
     assert not list(run.glob("hpc_ckpt_*")), "Lightning's own requeue checkpoint was written too"
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job: same id, same command
-    fit_in_process(tiny(tiny_csv, out, None), monkeypatch)
+    main(tiny(tiny_csv, out, None))
     monkeypatch.delenv("SLURM_RESTART_COUNT")
-    fit_in_process(tiny(tiny_csv, out, "uninterrupted"), monkeypatch)
+    main(tiny(tiny_csv, out, "uninterrupted"))
     assert_same_training(load(run / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
 
 
