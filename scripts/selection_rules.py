@@ -12,8 +12,9 @@ epoch on the examples that chose it. Rules:
 - first: the highest accuracy; of tied epochs the first (Lightning's ModelCheckpoint and EarlyStopping);
 - lowest_loss: the highest accuracy; of tied epochs the one with the lowest loss (nlprnn.callbacks.selection).
 
-The curves go to --curves_dir (reused when there: a stopped comparison continues), the comparison to
-<out>/selection.json and the console.
+The curves go to --curves_dir (reused when there: a stopped comparison continues; delete a dataset's curves
+after a change to the default recipe or the model that it uses), the comparison to <out>/selection.json and the
+console.
 One run at a time; nothing else should run beside it.
 """
 
