@@ -57,7 +57,7 @@ def ngram_dim_for(typical_length: int) -> Derived:
 
     Measured (seed 1, validation accuracy): on movie-snippets (median 22 tokens) the bag overfits within
     two epochs and costs 2.3 points; on bbc-news (median ~400 tokens) it reads the topic words of the
-    whole document (up to MAX_LENGTH tokens) where the default recipe's recurrence reads its first 256.
+    whole document (up to MAX_LENGTH tokens) where the default recipe's recurrence reads its first 384.
     """
     if typical_length >= LONG_TEXT_TOKENS:
         return Derived(NGRAM_DIM, f"the median training text has {typical_length} tokens (>= {LONG_TEXT_TOKENS}): "
