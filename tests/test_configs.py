@@ -103,6 +103,18 @@ def test_the_documented_recipes_exist():
             "bigru_attention.yaml", "keras_lstm.yaml"} <= names
 
 
+DEVICE_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes")
+
+
+@pytest.mark.parametrize("name", ["gpu_bf16.yaml", "multi_gpu_ddp.yaml"])
+def test_the_gpu_recipes_are_the_default_recipe_on_gpus(name):
+    """They say they are the default recipe on GPUs: only the trainer's device settings may differ from it."""
+    default, gpu = raw(CONFIGS / "default.yaml"), raw(CONFIGS / name)
+    device = {k: gpu["trainer"].pop(k) for k in DEVICE_KEYS if k in gpu["trainer"]}
+    assert device["accelerator"] == "gpu" and device["precision"] == "bf16-mixed"
+    assert gpu == default
+
+
 @pytest.mark.parametrize("config", RECIPES, ids=lambda p: p.name)
 def test_recipe_says_what_it_is_on_its_first_line(config):
     first = config.read_text().splitlines()[0]
