@@ -95,7 +95,7 @@ def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> dict:
         record = json.loads(record_file.read_text()) if record_file.exists() else {"wall_s": None}
         if record.get("command", shlex.join(command)) != shlex.join(command):
             print(f"  warning: {run_dir} was trained by another command: {record['command']}", flush=True)
-        return {**record, "metrics": json.loads(metrics_file.read_text()), "reused": True}
+        return {**record, **finished(metrics_file), "reused": True}
     if run_dir.exists():
         print(f"  {run_dir} has no metrics.json (a stopped run): starting it over", flush=True)
         shutil.rmtree(run_dir)
@@ -115,7 +115,13 @@ def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> dict:
         raise SystemExit(proc.returncode or 1)
     record = {"wall_s": wall_s, "command": shlex.join(command)}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
-    return {**record, "metrics": json.loads(metrics_file.read_text()), "reused": False}
+    return {**record, **finished(metrics_file), "reused": False}
+
+
+def finished(metrics_file: Path) -> dict:
+    """A run's test metrics and the day they were written: a reused run keeps the day it was trained."""
+    written = datetime.fromtimestamp(metrics_file.stat().st_mtime, timezone.utc)
+    return {"metrics": json.loads(metrics_file.read_text()), "trained": f"{written:%Y-%m-%d}"}
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -136,6 +142,7 @@ def summarize(label: str, runs: list[dict]) -> dict:
         "baseline_test_acc_mean": mean([r["metrics"].get("baseline_test_acc") for r in runs]),
         "baseline_test_f1_macro_mean": mean([r["metrics"].get("baseline_test_f1_macro") for r in runs]),
         "minutes_per_run": None if wall_s is None else wall_s / 60,
+        "trained": sorted({r["trained"] for r in runs}),
     }
 
 
@@ -144,8 +151,9 @@ def markdown_table(summaries: list[dict]) -> str:
         return "–" if value is None else f"{100 * value:.1f}%"
 
     lines = [
-        "| dataset / recipe | runs | test accuracy | macro-F1 | TF-IDF + LR accuracy | difference | minutes per run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| dataset / recipe | runs | test accuracy | macro-F1 | TF-IDF + LR accuracy | difference | minutes per run "
+        "| trained |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summaries:
         acc = pct(s["test_acc_mean"])
@@ -154,8 +162,10 @@ def markdown_table(summaries: list[dict]) -> str:
         baseline = s["baseline_test_acc_mean"]
         diff = "–" if baseline is None else f"{100 * (s['test_acc_mean'] - baseline):+.1f} pt".replace("-", "−")
         minutes = "–" if s["minutes_per_run"] is None else f"{s['minutes_per_run']:.1f}"
+        first, last = s["trained"][0], s["trained"][-1]
+        trained = first if first == last else f"{first} to {last}"
         lines.append(f"| {s['row']} | {len(s['seeds'])} | {acc} | {s['test_f1_macro_mean']:.3f} | {pct(baseline)} | "
-                     f"{diff} | {minutes} |")
+                     f"{diff} | {minutes} | {trained} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +195,8 @@ def report(command: str, seeds: list[int], summaries: list[dict], info: dict) ->
         + f"\nTest accuracy: mean ± sample standard deviation over seeds {seed_text} (`--seed_everything`), in %; "
         "macro-F1 and the TF-IDF + logistic-regression baseline (`nlprnn/baseline.py`, on the same splits): means; "
         "difference: the model's mean test accuracy minus the baseline's, in percentage points; minutes: wall time of "
-        "one `python -m nlprnn.fit` run, data preparation included, runs one at a time.\n\n"
+        "one `python -m nlprnn.fit` run, data preparation included, runs one at a time; trained: the day(s) its runs "
+        "wrote their test metrics (a row whose run folders exist is read back, not trained again).\n\n"
         f"{TEST_USE}\n"
     )
 

@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "accuracy_table.py"
@@ -67,6 +68,9 @@ def test_table_is_the_mean_over_seeds_and_a_second_invocation_only_runs_what_is_
     assert cells[2] == f"{100 * statistics.fmean(acc):.1f} ± {100 * statistics.stdev(acc):.1f}%"
     assert cells[3] == f"{statistics.fmean(m['test_f1_macro'] for m in metrics):.3f}"
     assert cells[4] == f"{100 * row['baseline_test_acc_mean']:.1f}%"
+    days = sorted({f"{datetime.fromtimestamp((run / 'metrics.json').stat().st_mtime, timezone.utc):%Y-%m-%d}"
+                   for run in runs})  # the day each run wrote its test metrics
+    assert row["trained"] == days and cells[7] == (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}")
     assert "the test split is read once per run, at the end" in markdown and cells[2] in proc.stdout
 
     # A generation stopped during seed 2: seed 1 is kept as it is, seed 2 starts over.
