@@ -35,7 +35,7 @@ def test_patience_is_counted_in_optimizer_steps():
     assert patience_for(1_700, 64).value == 10  # bbc-news: 27 steps per epoch
     assert patience_for(3_600, 64).value == 5  # 57 steps per epoch
     assert patience_for(8_500, 64).value == patience_for(10_000_000, 64).value == MIN_PATIENCE_EPOCHS
-    assert patience_for(10, 64).value == 10  # at most a quarter of the most epochs
+    assert patience_for(10, 64).value == 10  # at most a third of the most epochs
     assert "after 10 epochs of 27 steps without a better validation epoch" in patience_for(1_700, 64).reason
 
 

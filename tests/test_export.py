@@ -31,14 +31,15 @@ MIXED_LENGTHS = [1, 300, 2, 17, 299, 150, 64, 3, 250, 5, 100, 1, 42, 8, 200, 33,
 
 
 def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False,
-               ngram_dim=0, recurrent_length=None) -> TextClassifier:
+               ngram_dim=0, recurrent_length=None, ngram_distinct=False) -> TextClassifier:
     """Random weights with dropout on everywhere: export must switch it off to match eval-mode PyTorch."""
     torch.manual_seed(0)
     encoder = functools.partial(
         RNNEncoder, cell=cell, hidden_size=4, num_layers=num_layers, direction=direction, dropout=0.3, residual=residual
     )
     return TextClassifier(VOCAB, len(LABELS), embedding_dim=4, embedding_dropout=0.3, encoder=encoder, pooling=pooling,
-                          dropout=0.3, ngram_dim=ngram_dim, ngram_buckets=7, recurrent_length=recurrent_length)
+                          dropout=0.3, ngram_dim=ngram_dim, ngram_buckets=7, recurrent_length=recurrent_length,
+                          ngram_distinct=ngram_distinct)
 
 
 def random_batch(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +81,13 @@ def test_export_is_exact_for_deep_residual_stacks(tmp_path, cell, direction):
     assert_exact_export(tiny_model(cell, direction, "mean", num_layers=3, residual=True), tmp_path)
 
 
+@pytest.mark.parametrize("distinct", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
-def test_export_is_exact_with_an_ngram_bag(tmp_path, cell):
-    """Hashed word pairs are integer arithmetic in the graph, and the recurrence's cut a slice: exact on every
-    length (1..300, some beyond the 100 tokens the recurrence reads), padding ignored."""
-    assert_exact_export(tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100), tmp_path)
+def test_export_is_exact_with_an_ngram_bag(tmp_path, cell, distinct):
+    """Hashed word pairs are integer arithmetic in the graph, a distinct bag's sort a TopK, and the recurrence's
+    cut a slice: exact on every length (1..300, some beyond the 100 tokens the recurrence reads), padding ignored."""
+    model = tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100, ngram_distinct=distinct)
+    assert_exact_export(model, tmp_path)
 
 
 def assert_exact_export(model: TextClassifier, tmp_path: Path) -> None:

@@ -16,11 +16,17 @@ BIGRAM_PRIME = 1_000_003  # mixes the first id into the hash; ids * prime stays 
 
 
 class NgramBag(nn.Module):
-    def __init__(self, vocab_size: int, dim: int, buckets: int) -> None:
-        """Rows 0..vocab_size-1 embed single tokens; the next `buckets` rows embed hashed token pairs."""
+    def __init__(self, vocab_size: int, dim: int, buckets: int, distinct: bool = False) -> None:
+        """Rows 0..vocab_size-1 embed single tokens; the next `buckets` rows embed hashed token pairs.
+
+        distinct: count each n-gram once per text however often it occurs (a set rather than a bag), so a
+            document's common words and pairs do not outweigh its rarer topical ones; found by sorting, which
+            exports to ONNX as TopK.
+        """
         super().__init__()
         self.vocab_size = vocab_size
         self.buckets = buckets
+        self.distinct = distinct
         self.table = nn.Embedding(vocab_size + buckets, dim)
         nn.init.normal_(self.table.weight, std=0.1)
         self.norm = nn.LayerNorm(dim)
@@ -28,7 +34,7 @@ class NgramBag(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, real tokens first, and (B,) lengths -> (B, dim): the layer-normed sum over real
-        uni- and bigrams / sqrt(count).
+        uni- and bigrams (each distinct one once, for a distinct bag) / sqrt(their count).
 
         A plain mean of hundreds of n-grams shrinks toward zero and learns slowly; a sum over sqrt(count) keeps
         the scale of one embedding at the start but grows with a document's length as the embeddings learn
@@ -40,5 +46,14 @@ class NgramBag(nn.Module):
         pairs = (input_ids[:, :-1] * BIGRAM_PRIME + input_ids[:, 1:]) % self.buckets + self.vocab_size  # (B, T-1)
         grams = torch.cat([input_ids, pairs], dim=1)  # (B, 2T-1)
         mask = torch.cat([real, real[:, 1:]], dim=1).unsqueeze(-1)  # a pair is real when its second token is
+        if self.distinct:
+            grams, mask = self._first_occurrences(grams, mask)
         total = (self.table(grams) * mask).sum(1)  # (B, dim); padding contributes exact zeros
         return self.norm(total / mask.sum(1).to(total.dtype).sqrt())  # lengths >= 1, so never a division by zero
+
+    def _first_occurrences(self, grams: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's n-grams sorted, and a mask of the first of each run of equal ones among the real ones."""
+        outside = self.vocab_size + self.buckets  # above every row: padding sorts after the real n-grams
+        grams = grams.masked_fill(~mask.squeeze(-1), outside).sort(dim=1).values
+        new = torch.cat([torch.ones_like(grams[:, :1], dtype=torch.bool), grams[:, 1:] != grams[:, :-1]], dim=1)
+        return grams.clamp(max=outside - 1), (new & (grams < outside)).unsqueeze(-1)

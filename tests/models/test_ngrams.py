@@ -14,18 +14,22 @@ VOCAB, BUCKETS, DIM = 30, 11, 5
 
 
 def reference(bag: NgramBag, ids: list[int]) -> torch.Tensor:
-    """Sum of the embeddings of each token and each hashed adjacent pair, over sqrt of their count, layer-normed."""
+    """Sum of the embeddings of each token and each hashed adjacent pair (each distinct one once, for a distinct
+    bag), over sqrt of their count, layer-normed."""
     rows = list(ids) + [(a * BIGRAM_PRIME + b) % BUCKETS + VOCAB for a, b in zip(ids, ids[1:])]
+    if bag.distinct:
+        rows = sorted(set(rows))
     return bag.norm(bag.table.weight[rows].sum(0) / math.sqrt(len(rows)))
 
 
-def test_matches_the_hand_computed_bag_and_ignores_padding():
+@pytest.mark.parametrize("distinct", [False, True])
+def test_matches_the_hand_computed_bag_and_ignores_padding(distinct):
     torch.manual_seed(0)
-    bag = NgramBag(VOCAB, DIM, BUCKETS)
-    rows = [[3, 7, 7, 2, 9], [4], [5, 6]]
+    bag = NgramBag(VOCAB, DIM, BUCKETS, distinct)
+    rows = [[3, 7, 7, 2, 9], [4], [5, 6], [8, 1, 8, 1, 8, 1]]  # repeated words and pairs
     lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(3, 8, dtype=torch.long)
-    noisy = torch.randint(1, VOCAB, (3, 8))  # anything at all where padding would be
+    ids = torch.zeros(len(rows), 8, dtype=torch.long)
+    noisy = torch.randint(1, VOCAB, (len(rows), 8))  # anything at all where padding would be
     for b, row in enumerate(rows):
         ids[b, : len(row)] = torch.tensor(row)
         noisy[b, : len(row)] = torch.tensor(row)
@@ -96,3 +100,29 @@ def test_without_a_bag_every_parameter_learns_at_lr():
     model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=0, lr=1e-3)
     (group,) = model.configure_optimizers().param_groups
     assert group["lr"] == 1e-3 and len(group["params"]) == len(list(model.parameters()))
+
+
+def test_a_bag_counts_each_distinct_ngram_once_and_a_checkpoint_from_before_keeps_counting_all(tmp_path):
+    import functools
+
+    import lightning
+
+    from nlprnn.export import load_checkpoint
+    from nlprnn.models.encoder import RNNEncoder
+
+    torch.manual_seed(0)
+    encoder = functools.partial(RNNEncoder, hidden_size=4)
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, encoder=encoder, ngram_dim=3, ngram_buckets=BUCKETS).eval()
+    assert model.ngrams.distinct  # the default
+    # the hyperparameters as `python -m nlprnn.fit` writes them, from before the option existed
+    hparams = {"vocab_size": VOCAB, "num_classes": 3, "embedding_dim": 4, "ngram_dim": 3, "ngram_buckets": BUCKETS,
+               "encoder": {"class_path": "nlprnn.models.encoder.RNNEncoder", "init_args": {"hidden_size": 4}},
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, tmp_path / "old.ckpt")
+    old = load_checkpoint(tmp_path / "old.ckpt").eval()
+    assert not old.ngrams.distinct and not old.hparams.ngram_distinct
+    ids, lengths = torch.tensor([[3, 7, 3, 7, 3]]), torch.tensor([5])
+    with torch.no_grad():
+        torch.testing.assert_close(old.ngrams(ids, lengths)[0], reference(old.ngrams, [3, 7, 3, 7, 3]))
+        assert not torch.allclose(old(ids, lengths), model(ids, lengths))
