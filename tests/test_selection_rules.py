@@ -7,6 +7,8 @@ import numpy as np
 from conftest import load_script
 from test_fit import TINY_MODEL
 
+from nlprnn.derived import MAX_EPOCHS
+
 rules = load_script("selection_rules")
 
 
@@ -47,7 +49,7 @@ def test_a_recorded_curve_covers_the_whole_derived_budget(tmp_path, tiny_csv):
                         "--data.tokenizer.vector_words", "null"], 1, path)
     saved = np.load(path)
     epochs, examples, classes = saved["logits"].shape
-    assert (epochs, classes) == (40, 2) and examples == len(saved["labels"]) > 0  # 40: the most a budget derives
+    assert (epochs, classes) == (MAX_EPOCHS, 2) and examples == len(saved["labels"]) > 0  # the most a budget derives
     assert int(saved["patience"]) == 10 < epochs
     assert sorted(p.name for p in path.parent.iterdir()) == ["runs", "tiny-seed1.npz"]
     assert not any((path.parent / "runs").iterdir())  # the run's checkpoints are gone
