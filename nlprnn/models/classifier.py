@@ -169,10 +169,10 @@ class TextClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if not self.branch_heads:
-            return self._step(batch, "train")[0]
         branches = self.branches(batch["input_ids"], batch["lengths"])
         loss = self._scored(self.head(torch.cat(branches, dim=-1)), batch, "train")
+        if not self.branch_heads:
+            return loss
         own = sum(self.loss(head(f).float(), batch["labels"]) for head, f in zip(self.branch_heads, branches))
         return loss + self.hparams.branch_loss * own
 
