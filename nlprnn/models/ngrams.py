@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nlprnn.errors import UserError
+
 # A pair (a, b) of token ids goes to row (a * multiplier + b) % buckets: fastText's word n-gram multiplier,
 # which fills about as many rows as a random hash would for any bucket count (measured on bbc-news and
 # movie-snippets from 100,003 to 2,000,003 buckets). ids * multiplier stays far below 2**63.
@@ -23,17 +25,22 @@ LEGACY_PAIR_MULTIPLIER = 1_000_003
 
 
 class NgramBag(nn.Module):
-    def __init__(self, vocab_size: int, dim: int, buckets: int, distinct: bool = False) -> None:
+    def __init__(self, vocab_size: int, dim: int, buckets: int, distinct: bool = False, dropout: float = 0.0) -> None:
         """Rows 0..vocab_size-1 embed single tokens; the next `buckets` rows embed hashed token pairs.
 
         distinct: count each n-gram once per text however often it occurs (a set rather than a bag), so a
             document's common words and pairs do not outweigh its rarer topical ones; found by sorting, which
             exports to ONNX as TopK.
+        dropout: while training, leave out each of a text's n-grams with this probability (word dropout, as in
+            Iyyer et al., ACL 2015), so the bag cannot lean on a few n-grams that identify a training text.
         """
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"the n-gram bag's dropout must be in [0, 1), got {dropout}")
         self.vocab_size = vocab_size
         self.buckets = buckets
         self.distinct = distinct
+        self.dropout = dropout
         self.table = nn.Embedding(vocab_size + buckets, dim)
         # saved with the weights, so a checkpoint's rows are always read with the hash they were trained with
         self.register_buffer("pair_multiplier", torch.tensor(PAIR_MULTIPLIER, dtype=torch.int64))
@@ -43,7 +50,8 @@ class NgramBag(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, real tokens first, and (B,) lengths -> (B, dim): the layer-normed sum over real
-        uni- and bigrams (each distinct one once, for a distinct bag) / sqrt(their count).
+        uni- and bigrams (each distinct one once, for a distinct bag; while training, those dropout keeps) /
+        sqrt(their count).
 
         A plain mean of hundreds of n-grams shrinks toward zero and learns slowly; a sum over sqrt(count) keeps
         the scale of one embedding at the start but grows with a document's length as the embeddings learn
@@ -57,8 +65,11 @@ class NgramBag(nn.Module):
         mask = torch.cat([real, real[:, 1:]], dim=1).unsqueeze(-1)  # a pair is real when its second token is
         if self.distinct:
             grams, mask = self._first_occurrences(grams, mask)
+        if self.training and self.dropout:
+            mask = mask & (torch.rand(mask.shape, device=mask.device) >= self.dropout)
         total = (self.table(grams) * mask).sum(1)  # (B, dim); padding contributes exact zeros
-        return self.norm(total / mask.sum(1).to(total.dtype).sqrt())  # lengths >= 1, so never a division by zero
+        # a text has at least one real n-gram; only dropout can leave none, and then the sum is 0
+        return self.norm(total / mask.sum(1).clamp_min(1).to(total.dtype).sqrt())
 
     def _first_occurrences(self, grams: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The text's n-grams sorted, and a mask of the first of each run of equal ones among the real ones."""

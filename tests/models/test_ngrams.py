@@ -42,6 +42,30 @@ def test_matches_the_hand_computed_bag_and_ignores_padding(distinct):
             torch.testing.assert_close(bag(ids[b : b + 1, : len(row)], lengths[b : b + 1])[0], out[b], rtol=0, atol=1e-6)
 
 
+def test_dropout_leaves_out_ngrams_while_training_only():
+    torch.manual_seed(0)
+    vocab, buckets = 1000, 100_003
+    bag = NgramBag(vocab, DIM, buckets, distinct=True, dropout=0.4)
+    ids, lengths = torch.arange(1, 401).unsqueeze(0), torch.tensor([400])  # 400 words, 399 pairs: 799 n-grams
+    kept = NgramBag(vocab, DIM, buckets, distinct=True)
+    kept.load_state_dict(bag.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bag.eval()(ids, lengths), kept.eval()(ids, lengths), rtol=0, atol=0)
+    (bag.train()(ids, lengths) * torch.randn(DIM)).sum().backward()  # a plain sum of a layer norm has no gradient
+    read = int((bag.table.weight.grad != 0).any(1).sum())  # the rows the training pass read
+    assert abs(read / 799 - 0.6) < 0.06
+    for _ in range(20):  # a one-word text whose only n-gram is dropped gives the bag's bias, not NaN
+        assert torch.isfinite(NgramBag(vocab, DIM, buckets, dropout=0.9).train()(ids[:, :1], lengths.clamp(max=1))).all()
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0])
+def test_a_dropout_outside_0_to_1_is_refused(dropout):
+    from nlprnn.errors import UserError
+
+    with pytest.raises(UserError, match=r"dropout must be in \[0, 1\)"):
+        NgramBag(VOCAB, DIM, BUCKETS, dropout=dropout)
+
+
 def test_pairs_are_ordered():
     """"not good" and "good not" are different pairs (unless they share a bucket, which these ids do not)."""
     torch.manual_seed(0)
@@ -121,6 +145,7 @@ def test_without_a_bag_every_parameter_learns_at_lr():
 
 
 def test_a_bag_counts_each_distinct_ngram_once_and_a_checkpoint_from_before_keeps_counting_all(tmp_path):
+    """And a checkpoint from before n-gram dropout trains on without it."""
     import functools
 
     import lightning
@@ -140,6 +165,7 @@ def test_a_bag_counts_each_distinct_ngram_once_and_a_checkpoint_from_before_keep
                 "pytorch-lightning_version": lightning.__version__}, tmp_path / "old.ckpt")
     old = load_checkpoint(tmp_path / "old.ckpt").eval()
     assert not old.ngrams.distinct and not old.hparams.ngram_distinct
+    assert model.ngrams.dropout > 0 and old.ngrams.dropout == old.hparams.ngram_dropout == 0  # a resume trains as before
     ids, lengths = torch.tensor([[3, 7, 3, 7, 3]]), torch.tensor([5])
     with torch.no_grad():
         torch.testing.assert_close(old.ngrams(ids, lengths)[0], reference(old.ngrams, [3, 7, 3, 7, 3]))
@@ -175,7 +201,8 @@ def test_each_branch_trains_a_head_of_its_own_and_predictions_use_the_joined_hea
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS, branch_loss=0.5)
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS, branch_loss=0.5,
+                           ngram_dropout=0.0)  # no randomness: the loss is recomputed below
     assert [head[-1].in_features for head in model.branch_heads] == [model.encoder.output_dim, 3]
     assert not TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=0, branch_loss=0.5).branch_heads  # no bag
     model.log = model.log_dict = lambda *args, **kwargs: None  # no Trainer to log to
@@ -188,6 +215,6 @@ def test_each_branch_trains_a_head_of_its_own_and_predictions_use_the_joined_hea
             F.cross_entropy(model.branch_heads[0](recurrence), batch["labels"])
             + F.cross_entropy(model.branch_heads[1](bag), batch["labels"])))
         torch.testing.assert_close(loss, expected)
-        plain = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS)
+        plain = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS, ngram_dropout=0.0)
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("branch_heads.")})
         torch.testing.assert_close(plain(batch["input_ids"], batch["lengths"]), model(batch["input_ids"], batch["lengths"]))
