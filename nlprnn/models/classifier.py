@@ -22,6 +22,11 @@ from nlprnn.models.ngrams import LEGACY_PAIR_MULTIPLIER, NgramBag
 from nlprnn.models.pooling import Pooling, PoolingKind
 
 
+# Bag options added after checkpoints were written without them: the bag attribute each sets, and the value such a
+# checkpoint was trained with (every occurrence counted; no n-gram dropout), so it predicts and resumes as before.
+BAG_OPTIONS_BEFORE = {"ngram_distinct": ("distinct", False), "ngram_dropout": ("dropout", 0.0)}
+
+
 class TextClassifier(L.LightningModule):
     def __init__(
         self,
@@ -203,10 +208,11 @@ class TextClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._embedding_restored = True
-        if self.ngrams is not None and "ngram_distinct" not in checkpoint.get("hyper_parameters", {}):
-            self.ngrams.distinct = self.hparams.ngram_distinct = False  # written when every occurrence counted
-        if self.ngrams is not None and "ngram_dropout" not in checkpoint.get("hyper_parameters", {}):
-            self.ngrams.dropout = self.hparams.ngram_dropout = 0.0  # so a resumed run trains on as it began
+        saved = checkpoint.get("hyper_parameters", {})
+        for option, (attribute, value) in BAG_OPTIONS_BEFORE.items():
+            if self.ngrams is not None and option not in saved:
+                setattr(self.ngrams, attribute, value)
+                self.hparams[option] = value
         state = checkpoint.get("state_dict", {})
         if self.ngrams is not None and state and "ngrams.pair_multiplier" not in state:
             state["ngrams.pair_multiplier"] = torch.tensor(LEGACY_PAIR_MULTIPLIER)  # hashed before it was saved

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nlprnn.errors import UserError
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.models.ngrams import LEGACY_PAIR_MULTIPLIER, PAIR_MULTIPLIER, NgramBag
 
@@ -60,8 +61,6 @@ def test_dropout_leaves_out_ngrams_while_training_only():
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0])
 def test_a_dropout_outside_0_to_1_is_refused(dropout):
-    from nlprnn.errors import UserError
-
     with pytest.raises(UserError, match=r"dropout must be in \[0, 1\)"):
         NgramBag(VOCAB, DIM, BUCKETS, dropout=dropout)
 
