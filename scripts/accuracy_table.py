@@ -86,8 +86,8 @@ def fit_command(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> list[s
     ]
 
 
-def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> dict:
-    """The numbers of one run: read back if it is done, trained (and timed) if not."""
+def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str], prog: str = "accuracy_table") -> dict:
+    """The numbers of one run: read back if it is done, trained (and timed) if not; `prog` names the caller in errors."""
     run_dir = runs_dir / row.run_name(seed)
     metrics_file, record_file = run_dir / "metrics.json", run_dir / RUN_RECORD
     command = fit_command(row, seed, runs_dir, extra)
@@ -110,7 +110,7 @@ def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> dict:
     wall_s = time.perf_counter() - start
     if proc.returncode != 0 or not metrics_file.exists():
         tail = "\n".join(stderr_log.read_text(errors="replace").splitlines()[-STDERR_TAIL_LINES:])
-        print(f"{tail}\naccuracy_table: error: {shlex.join(command)} failed with status {proc.returncode} "
+        print(f"{tail}\n{prog}: error: {shlex.join(command)} failed with status {proc.returncode} "
               f"(full output: {stdout_log}, {stderr_log})", file=sys.stderr)
         raise SystemExit(proc.returncode or 1)
     record = {"wall_s": wall_s, "command": shlex.join(command)}

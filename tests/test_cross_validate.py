@@ -1,0 +1,111 @@
+"""scripts/cross_validate.py: stratified folds of training and validation only, the comparison read from the runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SCRIPTS, load_script
+from nlprnn.data.sources import SourceSpec, load_splits
+
+SCRIPT = SCRIPTS / "cross_validate.py"
+
+
+@pytest.fixture
+def cross_validate(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # it shares accuracy_table's run handling
+    return load_script("cross_validate")
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_folds_are_even_in_size_and_in_every_class_and_the_same_each_time(cross_validate):
+    labels = np.array([0] * 53 + [1] * 31 + [2] * 7 + [3] * 2)
+    folds = cross_validate.stratified_folds(labels, 5)
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.sum() == len(labels) and sizes.max() - sizes.min() <= 1
+    for label in np.unique(labels):
+        per_fold = np.bincount(folds[labels == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(folds, cross_validate.stratified_folds(labels, 5))
+    assert not np.array_equal(folds, cross_validate.stratified_folds(labels, 5, seed=7))
+
+
+def rows(path: Path) -> Counter:
+    table = pq.read_table(path)
+    return Counter(zip(table.column("text").to_pylist(), table.column("label").to_pylist()))
+
+
+def test_each_pooled_example_is_held_out_once_the_test_split_never_and_the_table_sums_the_folds(tmp_path, tiny_csv):
+    args = ["--datasets", "", "--train_files", str(tiny_csv), "--folds", "3", "--out", str(tmp_path / "docs"),
+            "--runs_dir", str(tmp_path / "runs"), "--", "--trainer.max_epochs", "1", "--model.embedding_dim", "16",
+            "--model.pretrained_vectors", "null", "--data.batch_size", "16"]
+    proc = run_script(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    splits = load_splits(SourceSpec(train_file=str(tiny_csv)))  # what fit makes of the file
+    names = splits["train"].features["label"].names
+
+    def examples(split: str) -> Counter:
+        return Counter((row["text"], names[row["label"]]) for row in splits[split])
+
+    folds = tmp_path / "runs" / "folds" / "tiny-3folds"
+    held_out = [rows(folds / f"fold{i}-test.parquet") for i in (1, 2, 3)]
+    assert sum(held_out, Counter()) == examples("train") + examples("validation")  # and nothing of the test split
+    for i in (1, 2, 3):  # a fold trains on exactly the examples it does not hold out
+        assert rows(folds / f"fold{i}-train.parquet") + held_out[i - 1] == sum(held_out, Counter())
+
+    report = json.loads((tmp_path / "docs" / "cross_validation.json").read_text())
+    runs = report["runs"]
+    assert [r["fold"] for r in runs] == [1, 2, 3]
+    assert [r["held_out"] for r in runs] == [sum(c.values()) for c in held_out] == [60, 60, 60]
+    for run, fold in zip(runs, (1, 2, 3)):  # fit read this fold's files, with the arguments after --
+        config = (Path(run["run_dir"]) / "config.yaml").read_text()
+        assert f"fold{fold}-test.parquet" in config and "max_epochs: 1" in config
+        assert run["metrics"] == json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
+    (row,) = report["rows"]
+    model = sum(round(r["metrics"]["test_acc"] * 60) for r in runs)
+    baseline = sum(round(r["metrics"]["baseline_test_acc"] * 60) for r in runs)
+    assert (row["held_out"], row["model_correct"], row["baseline_correct"]) == (180, model, baseline)
+    assert baseline >= 170  # the words give the label away
+    markdown = (tmp_path / "docs" / "cross_validation.md").read_text()
+    line = next(line for line in markdown.splitlines() if line.startswith("| tiny.csv |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[1:4] == ["3", "180", f"{100 * model / 180:.1f}% ({model})"]
+    assert cells[5] == f"{100 * baseline / 180:.1f}% ({baseline})"
+
+    # Run again: the folds and the runs are read back, nothing is trained.
+    kept = [(Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for r in runs]
+    proc = run_script(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for r in runs] == kept
+    assert json.loads((tmp_path / "docs" / "cross_validation.json").read_text())["rows"] == [row]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--folds", "1"], "--folds must be at least 2"),
+    (["--train_files", "missing.csv"], "file not found: missing.csv"),
+    (["--folds", "200"], "too few for 200 folds"),
+    (["--text_column", "review"], "has no column 'review'"),
+])
+def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path, tiny_csv, args, message):
+    if "--train_files" not in args:
+        args = [*args, "--train_files", str(tiny_csv)]
+    proc = run_script("--datasets", "", *args, "--out", str(tmp_path / "docs"), "--runs_dir", str(tmp_path / "runs"),
+                      cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "docs").exists() and not list((tmp_path / "runs").glob("folds/*"))
