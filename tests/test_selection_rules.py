@@ -15,11 +15,22 @@ rules = load_script("selection_rules")
 def test_each_rule_keeps_its_epoch_and_stops_after_patience():
     acc = np.array([0.5, 0.8, 0.8, 0.7, 0.8, 0.6, 0.6, 0.9])
     loss = np.array([0.9, 0.5, 0.4, 0.6, 0.3, 0.7, 0.7, 0.1])
-    assert rules.choose(acc, loss, "first", None) == 7
-    assert rules.choose(acc, loss, "first", 3) == 1  # epochs 2, 3, 4 are no better: stopped before epoch 7
+    assert rules.choose(acc, loss, "first", None, 10) == 7
+    assert rules.choose(acc, loss, "first", 3, 10) == 1  # epochs 2, 3, 4 are no better: stopped before epoch 7
     # epochs 2 and 4 tie epoch 1 with lower losses, so the wait starts again from 4, and epoch 7 is reached
-    assert rules.choose(acc, loss, "lowest_loss", 3) == 7
-    assert rules.choose(acc, loss, "lowest_loss", 2) == 4  # stopped after epoch 6
+    assert rules.choose(acc, loss, "lowest_loss", 3, 10) == 7
+    assert rules.choose(acc, loss, "lowest_loss", 2, 10) == 4  # stopped after epoch 6
+
+
+def test_within_one_example_the_lower_loss_wins_and_beyond_it_the_higher_accuracy():
+    acc = np.array([0.5, 0.8, 0.7, 0.9, 0.6])  # over 10 examples: 0.1 is one example
+    loss = np.array([0.9, 0.5, 0.4, 0.6, 0.1])
+    # epoch 2 is one example behind epoch 1 with a lower loss; epoch 3, two ahead of it; epoch 4, three behind
+    assert rules.choose(acc, loss, "within_one", None, 10) == 3
+    assert rules.choose(acc, loss, "lowest_loss", None, 10) == 3
+    assert rules.choose(acc[:3], loss[:3], "within_one", None, 10) == 2
+    assert rules.choose(acc[:3], loss[:3], "lowest_loss", None, 10) == 1
+    assert rules.choose(acc[:3], loss[:3], "within_one", None, 100) == 1  # on 100 examples 0.1 is ten
 
 
 def test_held_out_accuracy_scores_the_chosen_epoch_on_the_examples_left_out():
