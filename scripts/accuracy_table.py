@@ -87,7 +87,8 @@ def fit_command(row: Row, seed: int, runs_dir: Path, extra: list[str]) -> list[s
 
 
 def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str], prog: str = "accuracy_table") -> dict:
-    """The numbers of one run: read back if it is done, trained (and timed) if not; `prog` names the caller in errors."""
+    """The numbers of one run: read back if it is done, trained (and timed) if not. `prog` names the caller
+    in errors."""
     run_dir = runs_dir / row.run_name(seed)
     metrics_file, record_file = run_dir / "metrics.json", run_dir / RUN_RECORD
     command = fit_command(row, seed, runs_dir, extra)
@@ -201,11 +202,25 @@ def report(command: str, seeds: list[int], summaries: list[dict], info: dict) ->
     )
 
 
+def write_report(out: Path, stem: str, record: dict, markdown: str) -> None:
+    """<out>/<stem>.json (`record`, with the time it was written) and <out>/<stem>.md (`markdown`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (out / f"{stem}.json").write_text(json.dumps({**record, "generated": generated}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the script's own arguments, those after `--`, which go to every fit run)."""
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    passthrough: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1:]
+    argv, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=DEFAULT_DATASETS,
@@ -241,14 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"({state})", flush=True)
     summaries = [summarize(row.label, [r for r in results if r["row"] == row.label]) for row in rows]
     info = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "accuracy.json").write_text(json.dumps(
-        {"command": command, "extra": args.extra, "seeds": args.seeds, "machine": info,
-         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "rows": summaries, "runs": results}, indent=2) + "\n")
-    (args.out / "accuracy.md").write_text(report(command, args.seeds, summaries, info))
     print("\n" + markdown_table(summaries) + "\n" + TEST_USE)
-    print(f"wrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.json'}")
+    write_report(args.out, "accuracy", {"command": command, "extra": args.extra, "seeds": args.seeds, "machine": info,
+                                        "rows": summaries, "runs": results},
+                 report(command, args.seeds, summaries, info))
 
 
 if __name__ == "__main__":

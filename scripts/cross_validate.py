@@ -10,11 +10,12 @@ are pooled (its test split is left out and never read) and dealt into k folds, s
 is held out once: `python -m nlprnn.fit --data.train_file REST --data.test_file FOLD` trains the default
 recipe on the other folds (carving its validation split from them, as it does for any training file) and
 scores the held-out fold, and the baseline, trained on the same training examples, scores it too. Every pooled
-example is thus scored once by each, on k times the examples one test split holds.
+example is thus scored once by each: nine times the examples of a 10% test split.
 
 A local file (--train_files, with --text_column and --label_column) is read as `fit --data.train_file FILE`
-reads it, and the test split fit would carve from it is left out the same way. Runs go one at a time; a run whose metrics.json exists is read back
-(see accuracy_table.py, whose run handling this shares), so a stopped comparison continues where it stopped.
+reads it, and the test split fit would carve from it is left out the same way. Runs go one at a time; a run
+whose metrics.json exists is read back (see accuracy_table.py, whose run handling this shares), so a stopped
+comparison continues where it stopped.
 The comparison goes to <out>/cross_validation.json and <out>/cross_validation.md and the console. Arguments
 after `--` are passed to every fit run.
 """
@@ -22,7 +23,6 @@ after `--` are passed to every fit run.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_table import DEFAULT_DATASETS, ROOT, Row, machine, run_once, slugify
+from accuracy_table import (DEFAULT_DATASETS, ROOT, Row, machine, run_once, slugify, split_passthrough,
+                            write_report)
 
 PROG = "cross_validate"
 FOLD_SEED = 1234  # fixed, like fit's split seed: the same data gives the same folds
@@ -161,10 +162,7 @@ def report(command: str, seed: int, summaries: list[dict], info: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    passthrough: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1:]
+    argv, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=DEFAULT_DATASETS,
@@ -218,14 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         results += runs
         summaries.append(summarize(label, runs))
     info = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cross_validation.json").write_text(json.dumps(
-        {"command": command, "extra": args.extra, "folds": args.folds, "seed": args.seed, "machine": info,
-         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "rows": summaries, "runs": results}, indent=2) + "\n")
-    (args.out / "cross_validation.md").write_text(report(command, args.seed, summaries, info))
     print("\n" + markdown_table(summaries) + "\n" + EXPLAINED)
-    print(f"wrote {args.out / 'cross_validation.md'} and {args.out / 'cross_validation.json'}")
+    write_report(args.out, "cross_validation", {"command": command, "extra": args.extra, "folds": args.folds,
+                                                "seed": args.seed, "machine": info, "rows": summaries, "runs": results},
+                 report(command, args.seed, summaries, info))
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
                 record_curve(["--data.dataset", dataset], seed, path)
             curves.append(path)
         results[dataset] = compare(curves, args.splits)
-        print(f"{dataset}: held-out accuracy " + ", ".join(f"{rule} {100 * results[dataset][rule]:.2f}%" for rule in RULES),
-              flush=True)
+        scores = ", ".join(f"{rule} {100 * results[dataset][rule]:.2f}%" for rule in RULES)
+        print(f"{dataset}: held-out accuracy {scores}", flush=True)
     (args.out / "selection.json").write_text(json.dumps(
         {"seeds": args.seeds, "splits": args.splits, "choose_share": CHOOSE_SHARE, "held_out_accuracy": results},
         indent=2) + "\n")
