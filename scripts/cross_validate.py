@@ -13,7 +13,8 @@ scores the held-out fold, and the baseline, trained on the same training example
 example is thus scored once by each: nine times the examples of a 10% test split.
 
 A local file (--train_files, with --text_column and --label_column) is read as `fit --data.train_file FILE`
-reads it, and the test split fit would carve from it is left out the same way. Runs go one at a time; a run
+reads it, and the test split fit would carve from it is left out the same way; its folds and runs are named by
+its stem and a digest of its contents, so an edited file is compared afresh. Runs go one at a time; a run
 whose metrics.json exists is read back (see accuracy_table.py, whose run handling this shares), so a stopped
 comparison continues where it stopped.
 The comparison goes to <out>/cross_validation.json and <out>/cross_validation.md and the console. Arguments
@@ -23,6 +24,7 @@ after `--` are passed to every fit run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 import statistics
 import sys
@@ -93,6 +95,17 @@ def write_folds(source: dict[str, str], slug: str, k: int, folds_dir: Path) -> l
                 pq.write_table(table.filter(folds != i), scratch / train.name)
                 pq.write_table(table.filter(folds == i), scratch / test.name)
     return [(train, test, pq.read_metadata(test).num_rows) for train, test in files]
+
+
+def file_slug(path: Path, columns: dict[str, str]) -> str:
+    """A local file's name in folder names: its stem and a digest of its bytes and the columns read, so that an
+    edited file, or another file of the same name, gets its own folds and runs rather than reusing these."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(repr(sorted(columns.items())).encode())
+    return f"{slugify(path.stem)}-{digest.hexdigest()[:8]}"
 
 
 def summarize(label: str, runs: list[dict]) -> dict:
@@ -180,6 +193,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.extra = passthrough
     if args.folds < 2:
         parser.error("--folds must be at least 2")
+    if any(arg == "--baseline" or arg.startswith("--baseline=") for arg in passthrough):
+        parser.error("the comparison needs the baseline in every run: leave --baseline out of the arguments after --")
     for path in args.train_files:
         if not path.is_file():
             parser.error(f"file not found: {path}")
@@ -191,10 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sources = [(name, name, {"dataset": name}) for name in args.datasets if name.strip()]
     columns = {"text_column": args.text_column, "label_column": args.label_column}
-    sources += [(path.name, slugify(path.stem), {"train_file": str(path.resolve()), **columns})
+    sources += [(path.name, file_slug(path, columns), {"train_file": str(path.resolve()), **columns})
                 for path in args.train_files]
     if not sources:
         raise SystemExit(f"{PROG}: error: nothing to run; give --datasets and/or --train_files")
+    slugs = [slug for _, slug, _ in sources]
+    if len(set(slugs)) < len(slugs):
+        raise SystemExit(f"{PROG}: error: a dataset or file is given twice")
     import datasets
 
     datasets.disable_progress_bars()  # the per-fold lines are the output

@@ -61,7 +61,7 @@ def test_each_pooled_example_is_held_out_once_the_test_split_never_and_the_table
     def examples(split: str) -> Counter:
         return Counter((row["text"], names[row["label"]]) for row in splits[split])
 
-    folds = tmp_path / "runs" / "folds" / "tiny-3folds"
+    (folds,) = (tmp_path / "runs" / "folds").glob("tiny-*-3folds")  # named by the file's stem and contents
     held_out = [rows(folds / f"fold{i}-test.parquet") for i in (1, 2, 3)]
     assert sum(held_out, Counter()) == examples("train") + examples("validation")  # and nothing of the test split
     for i in (1, 2, 3):  # a fold trains on exactly the examples it does not hold out
@@ -94,16 +94,31 @@ def test_each_pooled_example_is_held_out_once_the_test_split_never_and_the_table
     assert json.loads((tmp_path / "docs" / "cross_validation.json").read_text())["rows"] == [row]
 
 
+def test_a_local_file_is_named_by_its_contents_and_columns_not_by_its_name_alone(cross_validate, tmp_path, tiny_csv):
+    columns = {"text_column": "text", "label_column": "label"}
+    slug = cross_validate.file_slug(tiny_csv, columns)
+    assert slug.startswith("tiny-")
+    copy = tmp_path / "elsewhere" / "tiny.csv"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_csv.read_bytes())
+    assert cross_validate.file_slug(copy, columns) == slug  # the same data: the same folds and runs
+    copy.write_text(tiny_csv.read_text() + "one more line,pos\n")
+    assert cross_validate.file_slug(copy, columns) != slug  # edited, or another file of that name
+    assert cross_validate.file_slug(tiny_csv, {**columns, "text_column": "other"}) != slug
+
+
 @pytest.mark.parametrize("args, message", [
     (["--folds", "1"], "--folds must be at least 2"),
     (["--train_files", "missing.csv"], "file not found: missing.csv"),
     (["--folds", "200"], "too few for 200 folds"),
     (["--text_column", "review"], "has no column 'review'"),
+    (["--", "--baseline", "false"], "the comparison needs the baseline"),
+    (["--datasets", "trec6", "trec6"], "given twice"),
 ])
 def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path, tiny_csv, args, message):
-    if "--train_files" not in args:
-        args = [*args, "--train_files", str(tiny_csv)]
-    proc = run_script("--datasets", "", *args, "--out", str(tmp_path / "docs"), "--runs_dir", str(tmp_path / "runs"),
+    if "--train_files" not in args and "--datasets" not in args:
+        args = ["--train_files", str(tiny_csv), *args]
+    proc = run_script("--datasets", "", "--out", str(tmp_path / "docs"), "--runs_dir", str(tmp_path / "runs"), *args,
                       cwd=tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr.strip().splitlines()[-1]
