@@ -31,7 +31,8 @@ MIXED_LENGTHS = [1, 300, 2, 17, 299, 150, 64, 3, 250, 5, 100, 1, 42, 8, 200, 33,
 
 
 def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False,
-               ngram_dim=0, recurrent_length=None, ngram_distinct=False, branch_loss=0.0) -> TextClassifier:
+               ngram_dim=0, recurrent_length=None, recurrent_tail=0, ngram_distinct=False,
+               branch_loss=0.0) -> TextClassifier:
     """Random weights with dropout on everywhere: export must switch it off to match eval-mode PyTorch."""
     torch.manual_seed(0)
     encoder = functools.partial(
@@ -39,7 +40,7 @@ def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layer
     )
     return TextClassifier(VOCAB, len(LABELS), embedding_dim=4, embedding_dropout=0.3, encoder=encoder, pooling=pooling,
                           dropout=0.3, ngram_dim=ngram_dim, ngram_buckets=7, recurrent_length=recurrent_length,
-                          ngram_distinct=ngram_distinct, branch_loss=branch_loss)
+                          recurrent_tail=recurrent_tail, ngram_distinct=ngram_distinct, branch_loss=branch_loss)
 
 
 def random_batch(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,14 +82,14 @@ def test_export_is_exact_for_deep_residual_stacks(tmp_path, cell, direction):
     assert_exact_export(tiny_model(cell, direction, "mean", num_layers=3, residual=True), tmp_path)
 
 
-@pytest.mark.parametrize("distinct", [False, True])
+@pytest.mark.parametrize("distinct, tail", [(False, 0), (True, 0), (True, 40)])
 @pytest.mark.parametrize("cell", CELLS)
-def test_export_is_exact_with_an_ngram_bag(tmp_path, cell, distinct):
+def test_export_is_exact_with_an_ngram_bag(tmp_path, cell, distinct, tail):
     """Hashed word pairs are integer arithmetic in the graph, a distinct bag's sort a TopK, and the recurrence's
-    cut a slice: exact on every length (1..300, some beyond the 100 tokens the recurrence reads), padding ignored.
-    The branches' own heads only train: the graph leaves them out."""
-    model = tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100, ngram_distinct=distinct,
-                       branch_loss=1.0)
+    cut a slice (with a tail, a Gather at each row's length): exact on every length (1..300, some beyond the 100
+    tokens the recurrence reads), padding ignored. The branches' own heads only train: the graph leaves them out."""
+    model = tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100, recurrent_tail=tail,
+                       ngram_distinct=distinct, branch_loss=1.0)
     assert_exact_export(model, tmp_path)
 
 

@@ -27,6 +27,22 @@ from nlprnn.models.pooling import Pooling, PoolingKind
 BAG_OPTIONS_BEFORE = {"ngram_distinct": ("distinct", False), "ngram_dropout": ("dropout", 0.0)}
 
 
+def head_and_tail(input_ids: torch.Tensor, lengths: torch.Tensor, length: int, tail: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the recurrence reads of (B, T) ids, real tokens first: (B, min(T, length)) ids and (B,) lengths.
+
+    A text of at most `length` tokens is read whole; a longer one as its first length - tail tokens followed by
+    its last `tail`. Gathered from each row's own length, so padding never moves what is read (and the graph
+    exports to ONNX as integer arithmetic and a Gather).
+    """
+    head = input_ids[:, :length]
+    if not tail:
+        return head, lengths.clamp(max=length)
+    positions = torch.ones_like(head).cumsum(1) - 1  # (B, T') 0, 1, ...: a traced arange would fix T'
+    skipped = (lengths - length).clamp(min=0).unsqueeze(1)  # (B, 1): tokens between the head and the tail
+    return input_ids.gather(1, positions + skipped * (positions >= length - tail)), lengths.clamp(max=length)
+
+
 class TextClassifier(L.LightningModule):
     def __init__(
         self,
@@ -52,6 +68,7 @@ class TextClassifier(L.LightningModule):
         ngram_distinct: bool = True,
         ngram_dropout: float = 0.3,
         recurrent_length: int | None = None,
+        recurrent_tail: int = 0,
         branch_loss: float = 0.0,
         typical_length: int = 0,
     ) -> None:
@@ -96,6 +113,9 @@ class TextClassifier(L.LightningModule):
                 0.038 against 0.041. It changes no prediction; 0 for checkpoints written before it existed.
             recurrent_length: the recurrence reads at most this many first tokens of a text, which bounds its
                 cost on long documents; the n-gram bag reads all of them (up to data.max_length). None: all.
+            recurrent_tail: of a longer text's recurrent_length tokens, this many are its last ones and the rest
+                its first ones (head and tail, as Sun et al., "How to Fine-Tune BERT for Text Classification?",
+                CCL 2019, cut long documents). 0: its first tokens only.
             branch_loss: with an n-gram bag, the recurrence and the bag each also get a linear classifier of their
                 own while training, whose losses join the loss at this weight, so that neither branch leans on the
                 other (Wang et al., "What makes training multi-modal classification networks hard?", CVPR 2020);
@@ -103,6 +123,9 @@ class TextClassifier(L.LightningModule):
             typical_length: the median token count of the training texts (linked from the data).
         """
         super().__init__()
+        if recurrent_tail and not (recurrent_length and 0 < recurrent_tail < recurrent_length):
+            raise UserError(f"model.recurrent_tail ({recurrent_tail}) must be below model.recurrent_length "
+                            f"({recurrent_length}), which it is a part of")
         self.save_hyperparameters()
         self.derived: dict[str, Derived] = {}  # settings left open and derived from the data, for the log
         if pretrained_vectors == "auto":
@@ -150,9 +173,9 @@ class TextClassifier(L.LightningModule):
     def branches(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """The recurrence's pooled state (B, D) and, with a bag, the bag (B, ngram_dim)."""
         read, read_lengths = input_ids, lengths
-        if self.hparams.recurrent_length:  # the opening of each text: (B, T') with T' <= recurrent_length
-            cut = self.hparams.recurrent_length
-            read, read_lengths = input_ids[:, :cut], lengths.clamp(max=cut)
+        if self.hparams.recurrent_length:  # (B, T') with T' <= recurrent_length
+            read, read_lengths = head_and_tail(input_ids, lengths, self.hparams.recurrent_length,
+                                               self.hparams.recurrent_tail)
         x = self.embedding_dropout(self.embedding(read))  # (B, T', E)
         features = [self.pooling(self.encoder(x, read_lengths), read_lengths)]  # (B, D)
         if self.ngrams is not None:

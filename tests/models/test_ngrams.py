@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nlprnn.errors import UserError
-from nlprnn.models.classifier import TextClassifier
+from nlprnn.models.classifier import TextClassifier, head_and_tail
 from nlprnn.models.ngrams import LEGACY_PAIR_MULTIPLIER, PAIR_MULTIPLIER, NgramBag
 
 VOCAB, BUCKETS, DIM = 30, 11, 5
@@ -217,3 +217,34 @@ def test_each_branch_trains_a_head_of_its_own_and_predictions_use_the_joined_hea
         plain = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=3, ngram_buckets=BUCKETS, ngram_dropout=0.0)
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("branch_heads.")})
         torch.testing.assert_close(plain(batch["input_ids"], batch["lengths"]), model(batch["input_ids"], batch["lengths"]))
+
+
+def test_head_and_tail_reads_a_long_texts_first_and_last_tokens_and_a_short_text_whole():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 0, 0, 0]])
+    read, lengths = head_and_tail(ids, torch.tensor([9, 3, 6]), length=5, tail=2)
+    assert read.tolist() == [[1, 2, 3, 8, 9], [1, 2, 3, 0, 0], [1, 2, 3, 5, 6]] and lengths.tolist() == [5, 3, 5]
+    read, lengths = head_and_tail(ids, torch.tensor([9, 3, 6]), length=5, tail=0)  # the opening only
+    assert read.tolist() == ids[:, :5].tolist() and lengths.tolist() == [5, 3, 5]
+    assert head_and_tail(ids[1:2, :3], torch.tensor([3]), length=5, tail=2)[0].tolist() == [[1, 2, 3]]
+
+
+def test_with_a_tail_the_recurrence_reads_a_long_texts_end_and_padding_still_changes_nothing():
+    torch.manual_seed(0)
+    lengths = torch.tensor([9, 2, 5])
+    ids = torch.randint(1, VOCAB, (3, 11))
+    ids[torch.arange(11) >= lengths[:, None]] = 0
+    for position, read in ((4, False), (8, True)):  # a token skipped between head and tail, then the last one
+        other = ids.clone()
+        other[0, position] = (other[0, position] % (VOCAB - 1)) + 1
+        model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_dim=0, recurrent_length=4, recurrent_tail=2).eval()
+        with torch.no_grad():
+            logits = model(ids, lengths)
+            assert (model(other, lengths)[0] != logits[0]).any() == read
+            for b, n in enumerate(lengths.tolist()):
+                torch.testing.assert_close(model(ids[b : b + 1, :n], lengths[b : b + 1])[0], logits[b], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("length, tail", [(None, 2), (4, 4), (4, -1)])
+def test_a_tail_must_be_part_of_the_recurrent_length(length, tail):
+    with pytest.raises(UserError, match="recurrent_tail"):
+        TextClassifier(VOCAB, 3, embedding_dim=4, recurrent_length=length, recurrent_tail=tail)
