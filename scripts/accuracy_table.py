@@ -163,11 +163,14 @@ def markdown_table(summaries: list[dict]) -> str:
         baseline = s["baseline_test_acc_mean"]
         diff = "–" if baseline is None else f"{100 * (s['test_acc_mean'] - baseline):+.1f} pt".replace("-", "−")
         minutes = "–" if s["minutes_per_run"] is None else f"{s['minutes_per_run']:.1f}"
-        first, last = s["trained"][0], s["trained"][-1]
-        trained = first if first == last else f"{first} to {last}"
         lines.append(f"| {s['row']} | {len(s['seeds'])} | {acc} | {s['test_f1_macro_mean']:.3f} | {pct(baseline)} | "
-                     f"{diff} | {minutes} | {trained} |")
+                     f"{diff} | {minutes} | {span(s['trained'])} |")
     return "\n".join(lines) + "\n"
+
+
+def span(days: list[str]) -> str:
+    """Sorted days as shown in a table: the one day, or the first to the last."""
+    return days[0] if days[0] == days[-1] else f"{days[0]} to {days[-1]}"
 
 
 def machine() -> dict:

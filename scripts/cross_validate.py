@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_table import (DEFAULT_DATASETS, ROOT, Row, machine, run_once, slugify, split_passthrough,
+from accuracy_table import (DEFAULT_DATASETS, ROOT, Row, machine, run_once, slugify, span, split_passthrough,
                             write_report)
 
 PROG = "cross_validate"
@@ -127,6 +127,7 @@ def summarize(label: str, runs: list[dict]) -> dict:
         "baseline_acc_folds": [statistics.fmean(baseline), statistics.stdev(baseline) if len(baseline) > 1 else None],
         "folds_ahead_level_behind": [sum(a > 0 for a in ahead), sum(a == 0 for a in ahead), sum(a < 0 for a in ahead)],
         "minutes_per_run": statistics.fmean(r["wall_s"] for r in runs) / 60 if all(r["wall_s"] for r in runs) else None,
+        "trained": sorted({r["trained"] for r in runs}),
     }
 
 
@@ -137,8 +138,8 @@ def markdown_table(summaries: list[dict]) -> str:
 
     lines = [
         "| dataset | folds | held-out examples | model accuracy | over folds | TF-IDF + LR accuracy | over folds "
-        "| difference | folds ahead / level / behind | minutes per run |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| difference | folds ahead / level / behind | minutes per run | trained |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summaries:
         n = s["held_out"]
@@ -149,7 +150,7 @@ def markdown_table(summaries: list[dict]) -> str:
             f"| {s['row']} | {s['folds']} | {n:,} | {100 * model:.1f}% ({s['model_correct']:,}) | "
             f"{spread(s['model_acc_folds'])} | {100 * baseline:.1f}% ({s['baseline_correct']:,}) | "
             f"{spread(s['baseline_acc_folds'])} | {diff} | {' / '.join(map(str, s['folds_ahead_level_behind']))} | "
-            f"{minutes} |")
+            f"{minutes} | {span(s['trained'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +162,8 @@ EXPLAINED = (
     "same examples and score it. Model and baseline accuracy: over all held-out examples, each scored once (how "
     "many right); over folds: mean ± sample standard deviation of the folds' accuracies; difference: model minus "
     "baseline, in percentage points; folds ahead / level / behind: folds where the model got more, as many, or "
-    "fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs one at a time."
+    "fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs one at a time; "
+    "trained: the day(s) its runs wrote their metrics (a run whose folder holds them is read back, not trained again)."
 )
 
 

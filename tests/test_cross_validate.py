@@ -85,6 +85,8 @@ def test_each_pooled_example_is_held_out_once_the_test_split_never_and_the_table
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     assert cells[1:4] == ["3", "180", f"{100 * model / 180:.1f}% ({model})"]
     assert cells[5] == f"{100 * baseline / 180:.1f}% ({baseline})"
+    days = sorted({r["trained"] for r in runs})  # the days the runs wrote their metrics
+    assert cells[-1] == (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}")
 
     # Run again: the folds and the runs are read back, nothing is trained.
     kept = [(Path(r["run_dir"]) / "metrics.json").stat().st_mtime_ns for r in runs]
