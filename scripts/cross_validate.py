@@ -1,16 +1,17 @@
 """Cross-validate the default recipe against the TF-IDF + logistic-regression baseline, without the test split.
 
-    .venv/bin/python scripts/cross_validate.py                          # the built-in datasets, 5 folds, seed 1
-    .venv/bin/python scripts/cross_validate.py --datasets bbc-news --folds 10
+    .venv/bin/python scripts/cross_validate.py                          # the built-in datasets, 5 folds, seeds 1 2 3
+    .venv/bin/python scripts/cross_validate.py --datasets bbc-news --folds 10 --seeds 1
     .venv/bin/python scripts/cross_validate.py --datasets "" --train_files reviews.csv --text_column review
 
 One test split of a few hundred examples cannot tell the model and the baseline apart by half a point (on
 bbc-news's 213 test articles one article is 0.47 points). Here each dataset's training and validation examples
 are pooled (its test split is left out and never read) and dealt into k folds, stratified by label. Each fold
-is held out once: `python -m nlprnn.fit --data.train_file REST --data.test_file FOLD` trains the default
-recipe on the other folds (carving its validation split from them, as it does for any training file) and
-scores the held-out fold, and the baseline, trained on the same training examples, scores it too. Every pooled
-example is thus scored once by each: nine times the examples of a 10% test split.
+is held out once per seed: `python -m nlprnn.fit --data.train_file REST --data.test_file FOLD` trains the
+default recipe on the other folds (carving its validation split from them, as it does for any training file)
+and scores the held-out fold, and the baseline, trained on the same training examples, scores it too. Every
+pooled example is thus scored once by each, per seed: nine times the examples of a 10% test split. Seeds change
+the model's initialisation, dropout and batch order, not the folds.
 
 A local file (--train_files, with --text_column and --label_column) is read as `fit --data.train_file FILE`
 reads it, and the test split fit would carve from it is left out the same way; its folds and runs are named by
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_table import (DEFAULT_DATASETS, ROOT, Row, machine, run_once, slugify, span, split_passthrough,
+from accuracy_table import (DEFAULT_DATASETS, DEFAULT_SEEDS, ROOT, Row, machine, run_once, slugify, span, split_passthrough,
                             write_report)
 
 PROG = "cross_validate"
@@ -109,70 +110,81 @@ def file_slug(path: Path, columns: dict[str, str]) -> str:
 
 
 def summarize(label: str, runs: list[dict]) -> dict:
-    """Pooled accuracy (every held-out example once) and the spread over folds, model and baseline."""
-    held_out = sum(r["held_out"] for r in runs)
+    """Per seed, how many held-out examples the model and the baseline got right (every pooled example once);
+    their mean accuracy and its spread over seeds; and the folds (of every seed) where each was ahead."""
+    seeds = sorted({r["seed"] for r in runs})
+    held_out = sum(r["held_out"] for r in runs if r["seed"] == seeds[0])
 
-    def correct(key: str) -> int:
-        return sum(round(r["metrics"][key] * r["held_out"]) for r in runs)
+    def correct(key: str) -> list[int]:
+        return [sum(round(r["metrics"][key] * r["held_out"]) for r in runs if r["seed"] == seed) for seed in seeds]
 
-    model, baseline = [r["metrics"]["test_acc"] for r in runs], [r["metrics"]["baseline_test_acc"] for r in runs]
-    ahead = [round((m - b) * r["held_out"]) for m, b, r in zip(model, baseline, runs)]  # in examples, per fold
+    def over_seeds(counts: list[int]) -> list[float | None]:
+        accuracies = [count / held_out for count in counts]
+        return [statistics.fmean(accuracies), statistics.stdev(accuracies) if len(accuracies) > 1 else None]
+
+    model, baseline = correct("test_acc"), correct("baseline_test_acc")
+    ahead = [round((r["metrics"]["test_acc"] - r["metrics"]["baseline_test_acc"]) * r["held_out"]) for r in runs]
     return {
         "row": label,
-        "folds": len(runs),
+        "folds": len(runs) // len(seeds),
+        "seeds": seeds,
         "held_out": held_out,
-        "model_correct": correct("test_acc"),
-        "baseline_correct": correct("baseline_test_acc"),
-        "model_acc_folds": [statistics.fmean(model), statistics.stdev(model) if len(model) > 1 else None],
-        "baseline_acc_folds": [statistics.fmean(baseline), statistics.stdev(baseline) if len(baseline) > 1 else None],
+        "model_correct": model,
+        "baseline_correct": baseline,
+        "model_acc": over_seeds(model),
+        "baseline_acc": over_seeds(baseline),
         "folds_ahead_level_behind": [sum(a > 0 for a in ahead), sum(a == 0 for a in ahead), sum(a < 0 for a in ahead)],
         "minutes_per_run": statistics.fmean(r["wall_s"] for r in runs) / 60 if all(r["wall_s"] for r in runs) else None,
         "trained": sorted({r["trained"] for r in runs}),
     }
 
 
-def markdown_table(summaries: list[dict]) -> str:
-    def spread(mean_std: list) -> str:
-        mean, std = mean_std
-        return f"{100 * mean:.1f}%" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}%"
+def accuracy_cell(mean_std: list[float | None], counts: list[int]) -> str:
+    """'97.4% (1,861)' when every seed got as many right, else '97.4 ± 0.1% (1,861 / 1,859 / 1,862)'."""
+    mean, std = mean_std
+    if len(set(counts)) == 1:
+        return f"{100 * mean:.1f}% ({counts[0]:,})"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}% ({' / '.join(f'{c:,}' for c in counts)})"
 
+
+def markdown_table(summaries: list[dict]) -> str:
     lines = [
-        "| dataset | folds | held-out examples | model accuracy | over folds | TF-IDF + LR accuracy | over folds "
-        "| difference | folds ahead / level / behind | minutes per run | trained |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| dataset | folds | seeds | held-out examples | model accuracy | TF-IDF + LR accuracy | difference "
+        "| folds ahead / level / behind | minutes per run | trained |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summaries:
-        n = s["held_out"]
-        model, baseline = s["model_correct"] / n, s["baseline_correct"] / n
-        diff = f"{100 * (model - baseline):+.1f} pt".replace("-", "−")
+        diff = f"{100 * (s['model_acc'][0] - s['baseline_acc'][0]):+.1f} pt".replace("-", "−")
         minutes = "–" if s["minutes_per_run"] is None else f"{s['minutes_per_run']:.1f}"
         lines.append(
-            f"| {s['row']} | {s['folds']} | {n:,} | {100 * model:.1f}% ({s['model_correct']:,}) | "
-            f"{spread(s['model_acc_folds'])} | {100 * baseline:.1f}% ({s['baseline_correct']:,}) | "
-            f"{spread(s['baseline_acc_folds'])} | {diff} | {' / '.join(map(str, s['folds_ahead_level_behind']))} | "
-            f"{minutes} | {span(s['trained'])} |")
+            f"| {s['row']} | {s['folds']} | {', '.join(map(str, s['seeds']))} | {s['held_out']:,} | "
+            f"{accuracy_cell(s['model_acc'], s['model_correct'])} | "
+            f"{accuracy_cell(s['baseline_acc'], s['baseline_correct'])} | {diff} | "
+            f"{' / '.join(map(str, s['folds_ahead_level_behind']))} | {minutes} | {span(s['trained'])} |")
     return "\n".join(lines) + "\n"
 
 
 EXPLAINED = (
     "Each dataset's training and validation examples are pooled (its test split is never read) and dealt into "
-    "folds stratified by label; each fold is held out once, the default recipe (`python -m nlprnn.fit "
-    "--data.train_file REST --data.test_file FOLD`, which carves its validation split from REST and selects its "
-    "checkpoint there) and the TF-IDF + logistic-regression baseline (`nlprnn/baseline.py`) are trained on the "
-    "same examples and score it. Model and baseline accuracy: over all held-out examples, each scored once (how "
-    "many right); over folds: mean ± sample standard deviation of the folds' accuracies; difference: model minus "
-    "baseline, in percentage points; folds ahead / level / behind: folds where the model got more, as many, or "
-    "fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs one at a time; "
-    "trained: the day(s) its runs wrote their metrics (a run whose folder holds them is read back, not trained again)."
+    "folds stratified by label; each fold is held out once per seed, the default recipe (`python -m nlprnn.fit "
+    "--data.train_file REST --data.test_file FOLD --seed_everything SEED`, which carves its validation split from "
+    "REST and selects its checkpoint there) and the TF-IDF + logistic-regression baseline (`nlprnn/baseline.py`) "
+    "are trained on the same examples and score it. Accuracy: over all held-out examples, each scored once per seed; "
+    "mean ± sample standard deviation over seeds, and in brackets how many were right with each seed (one number "
+    "when every seed got as many: the baseline depends on no seed). Difference: mean model accuracy minus the "
+    "baseline's, in percentage points; folds ahead / level / behind: the runs (folds × seeds) in which the model got "
+    "more, as many, or fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs one "
+    "at a time; trained: the day(s) its runs wrote their metrics (a run whose folder holds them is read back, not "
+    "trained again)."
 )
 
 
-def report(command: str, seed: int, summaries: list[dict], info: dict) -> str:
+def report(command: str, summaries: list[dict], info: dict) -> str:
     hardware = info["cuda"] or f"{info['cores']} CPU cores ({info['cpu']})"
     return (
         "# Cross-validation against the baseline\n\n"
-        f"Generated by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d}, on {hardware}, torch {info['torch']}, "
-        f"seed {seed}.\n\n" + markdown_table(summaries) + f"\n{EXPLAINED}\n"
+        f"Generated by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d}, on {hardware}, torch {info['torch']}."
+        "\n\n" + markdown_table(summaries) + f"\n{EXPLAINED}\n"
     )
 
 
@@ -186,7 +198,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text_column", default="text", help="of the --train_files")
     parser.add_argument("--label_column", default="label", help="of the --train_files")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=1, help="fit's --seed_everything in every run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS,
+                        help="fit's --seed_everything: every fold is held out once per seed")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="where cross_validation.json and cross_validation.md go")
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "checkpoints" / "cross-validation",
@@ -195,6 +208,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.extra = passthrough
     if args.folds < 2:
         parser.error("--folds must be at least 2")
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error("--seeds holds a seed twice")
     if any(arg == "--baseline" or arg.startswith("--baseline=") for arg in passthrough):
         parser.error("the comparison needs the baseline in every run: leave --baseline out of the arguments after --")
     for path in args.train_files:
@@ -222,24 +237,27 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "scripts/cross_validate.py", *argv])
     results, summaries = [], []
     for label, slug, source in sources:
+        folds = write_folds(source, slug, args.folds, runs_dir / "folds")
         runs = []
-        for fold, (train, test, held_out) in enumerate(write_folds(source, slug, args.folds, runs_dir / "folds"), 1):
-            row = Row(label, f"{slug}-fold{fold}of{args.folds}",
-                      ("--data.train_file", str(train), "--data.test_file", str(test)))
-            run = {"row": label, "fold": fold, "held_out": held_out, "seed": args.seed,
-                   "run_dir": str(runs_dir / row.run_name(args.seed)),
-                   **run_once(row, args.seed, runs_dir, args.extra, prog=PROG)}
-            runs.append(run)
-            m = run["metrics"]
-            print(f"[{label} fold {fold}/{args.folds}] {held_out} held out: model {m['test_acc']:.4f}, "
-                  f"baseline {m['baseline_test_acc']:.4f}", flush=True)
+        for seed in args.seeds:
+            for fold, (train, test, held_out) in enumerate(folds, 1):
+                row = Row(label, f"{slug}-fold{fold}of{args.folds}",
+                          ("--data.train_file", str(train), "--data.test_file", str(test)))
+                run = {"row": label, "fold": fold, "held_out": held_out, "seed": seed,
+                       "run_dir": str(runs_dir / row.run_name(seed)),
+                       **run_once(row, seed, runs_dir, args.extra, prog=PROG)}
+                runs.append(run)
+                m = run["metrics"]
+                print(f"[{label} seed {seed}, fold {fold}/{args.folds}] {held_out} held out: "
+                      f"model {m['test_acc']:.4f}, baseline {m['baseline_test_acc']:.4f}", flush=True)
         results += runs
         summaries.append(summarize(label, runs))
     info = machine()
     print("\n" + markdown_table(summaries) + "\n" + EXPLAINED)
     write_report(args.out, "cross_validation", {"command": command, "extra": args.extra, "folds": args.folds,
-                                                "seed": args.seed, "machine": info, "rows": summaries, "runs": results},
-                 report(command, args.seed, summaries, info))
+                                                "seeds": args.seeds, "machine": info, "rows": summaries,
+                                                "runs": results},
+                 report(command, summaries, info))
 
 
 if __name__ == "__main__":
