@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_table import (DEFAULT_DATASETS, DEFAULT_SEEDS, ROOT, Row, machine, run_once, slugify, span, split_passthrough,
-                            write_report)
+from accuracy_table import (DEFAULT_DATASETS, DEFAULT_SEEDS, ROOT, Row, machine, run_once, slugify, span,
+                            split_passthrough, write_report)
 
 PROG = "cross_validate"
 FOLD_SEED = 1234  # fixed, like fit's split seed: the same data gives the same folds
@@ -111,7 +111,8 @@ def file_slug(path: Path, columns: dict[str, str]) -> str:
 
 def summarize(label: str, runs: list[dict]) -> dict:
     """Per seed, how many held-out examples the model and the baseline got right (every pooled example once);
-    their mean accuracy and its spread over seeds; and the folds (of every seed) where each was ahead."""
+    their mean accuracy and its spread over seeds; and in how many runs (a fold with a seed) the model was ahead,
+    level or behind."""
     seeds = sorted({r["seed"] for r in runs})
     held_out = sum(r["held_out"] for r in runs if r["seed"] == seeds[0])
 
@@ -133,7 +134,7 @@ def summarize(label: str, runs: list[dict]) -> dict:
         "baseline_correct": baseline,
         "model_acc": over_seeds(model),
         "baseline_acc": over_seeds(baseline),
-        "folds_ahead_level_behind": [sum(a > 0 for a in ahead), sum(a == 0 for a in ahead), sum(a < 0 for a in ahead)],
+        "runs_ahead_level_behind": [sum(a > 0 for a in ahead), sum(a == 0 for a in ahead), sum(a < 0 for a in ahead)],
         "minutes_per_run": statistics.fmean(r["wall_s"] for r in runs) / 60 if all(r["wall_s"] for r in runs) else None,
         "trained": sorted({r["trained"] for r in runs}),
     }
@@ -150,7 +151,7 @@ def accuracy_cell(mean_std: list[float | None], counts: list[int]) -> str:
 def markdown_table(summaries: list[dict]) -> str:
     lines = [
         "| dataset | folds | seeds | held-out examples | model accuracy | TF-IDF + LR accuracy | difference "
-        "| folds ahead / level / behind | minutes per run | trained |",
+        "| runs ahead / level / behind | minutes per run | trained |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summaries:
@@ -160,7 +161,7 @@ def markdown_table(summaries: list[dict]) -> str:
             f"| {s['row']} | {s['folds']} | {', '.join(map(str, s['seeds']))} | {s['held_out']:,} | "
             f"{accuracy_cell(s['model_acc'], s['model_correct'])} | "
             f"{accuracy_cell(s['baseline_acc'], s['baseline_correct'])} | {diff} | "
-            f"{' / '.join(map(str, s['folds_ahead_level_behind']))} | {minutes} | {span(s['trained'])} |")
+            f"{' / '.join(map(str, s['runs_ahead_level_behind']))} | {minutes} | {span(s['trained'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,10 +173,10 @@ EXPLAINED = (
     "are trained on the same examples and score it. Accuracy: over all held-out examples, each scored once per seed; "
     "mean ± sample standard deviation over seeds, and in brackets how many were right with each seed (one number "
     "when every seed got as many: the baseline depends on no seed). Difference: mean model accuracy minus the "
-    "baseline's, in percentage points; folds ahead / level / behind: the runs (folds × seeds) in which the model got "
-    "more, as many, or fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs one "
-    "at a time; trained: the day(s) its runs wrote their metrics (a run whose folder holds them is read back, not "
-    "trained again)."
+    "baseline's, in percentage points; runs ahead / level / behind: the runs (a fold with a seed) in which the model "
+    "got more, as many, or fewer held-out examples right than the baseline; minutes: wall time of one fit run, runs "
+    "one at a time; trained: the day(s) its runs wrote their metrics (a run whose folder holds them is read back, "
+    "not trained again)."
 )
 
 

@@ -54,8 +54,9 @@ def test_the_summary_pools_each_seeds_folds_and_spreads_over_seeds(cross_validat
     summary = cross_validate.summarize("data", runs)
     assert (summary["folds"], summary["seeds"], summary["held_out"]) == (2, [1, 2, 3], 200)
     assert (summary["model_correct"], summary["baseline_correct"]) == ([192, 194, 190], [191, 191, 191])
-    assert summary["model_acc"] == pytest.approx([0.96, 0.01]) and summary["baseline_acc"] == pytest.approx([0.955, 0.0])
-    assert summary["folds_ahead_level_behind"] == [3, 2, 1]
+    assert summary["model_acc"] == pytest.approx([0.96, 0.01])
+    assert summary["baseline_acc"] == pytest.approx([0.955, 0.0])
+    assert summary["runs_ahead_level_behind"] == [3, 2, 1]
     table = cross_validate.markdown_table([summary])
     assert "| data | 2 | 1, 2, 3 | 200 | 96.0 ± 1.0% (192 / 194 / 190) | 95.5% (191) | +0.5 pt | 3 / 2 / 1 | 1.0 " \
            "| 2026-11-28 to 2026-11-30 |" in table
@@ -99,7 +100,8 @@ def test_each_pooled_example_is_held_out_once_the_test_split_never_and_the_table
         return sum(round(r["metrics"][key] * 60) for r in runs if r["seed"] == seed)
 
     (row,) = report["rows"]
-    model, baseline = [right("test_acc", seed) for seed in (1, 2)], [right("baseline_test_acc", seed) for seed in (1, 2)]
+    model = [right("test_acc", seed) for seed in (1, 2)]
+    baseline = [right("baseline_test_acc", seed) for seed in (1, 2)]
     assert (row["held_out"], row["model_correct"], row["baseline_correct"]) == (180, model, baseline)
     assert baseline[0] == baseline[1] >= 170  # the words give the label away, whatever the model's seed
     assert row["model_acc"][0] == pytest.approx(sum(model) / 360)
