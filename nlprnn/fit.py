@@ -200,6 +200,8 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     metrics = {name: float(value) for name, value in results[0].items()}
     if trainer.is_global_zero:
         summary = f"test accuracy {metrics['test_acc']:.4f}, macro-F1 {metrics['test_f1_macro']:.4f}"
+        if "test_network_acc" in metrics:  # a linear blend: what the network alone got
+            summary += f" (the network alone: {metrics['test_network_acc']:.4f})"
         if "test_ece" in metrics:
             summary += (f", ECE {metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} "
                         f"(temperature {metrics['temperature']:.3f})")

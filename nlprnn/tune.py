@@ -238,14 +238,16 @@ def pruning_callback(trial):
     from lightning.pytorch.callbacks import Callback
 
     class ReportToTrial(Callback):
-        """Reports val_acc to the trial after each validation round; stops training when Optuna prunes it."""
+        """Reports the validation accuracy the best checkpoint follows (val_acc, or with a linear blend the network's
+        own, val_network_acc) to the trial after each validation round; stops training when Optuna prunes it."""
 
         def __init__(self) -> None:
             self.rounds = 0
             self.pruned_at: int | None = None
 
         def on_validation_end(self, trainer, pl_module) -> None:
-            value = trainer.callback_metrics.get("val_acc")
+            monitor = getattr(pl_module, "selection_metrics", ("val_acc",))[0]  # the trial's value is its best
+            value = trainer.callback_metrics.get(monitor)
             if trainer.sanity_checking or value is None:
                 return
             self.rounds += 1  # 1, 2, ...: the epoch, with one validation per epoch

@@ -36,12 +36,18 @@ class BestCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", auto_insert_metric_name=False,
                          save_on_train_epoch_end=False)
         self.patience = patience
+        self.tie_break = TIE_BREAK
         self.best_epoch = -1  # none yet
         self.best_tie_break = math.inf
         self.stopped_epoch = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A model may name its own (nlprnn's TextClassifier with a linear blend follows its network's figures).
+        self.monitor, self.tie_break = getattr(pl_module, "selection_metrics", (MONITOR, TIE_BREAK))
+        super().setup(trainer, pl_module, stage)
+
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
-        loss = float(trainer.callback_metrics.get(TIE_BREAK, math.inf))
+        loss = float(trainer.callback_metrics.get(self.tie_break, math.inf))
         better = super().check_monitor_top_k(trainer, current)  # strictly higher accuracy, or the first epoch
         if not better and current is not None and self.best_model_score is not None:
             tied = bool(current == self.best_model_score) and loss < self.best_tie_break

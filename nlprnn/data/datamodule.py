@@ -116,6 +116,16 @@ class TextDataModule(L.LightningDataModule):
         return self.meta["class_counts"]
 
     @property
+    def training_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The training texts' token ids end to end, where each text starts (N + 1 offsets) and their label ids
+        (for a model part fitted in closed form; see nlprnn.models.linear)."""
+        self.setup()
+        table = self.splits["train"].with_format("arrow", columns=["input_ids", "label"])[:]
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        return ids.flatten().to_numpy(), offsets - offsets[0], table.column("label").to_numpy()
+
+    @property
     def vocabulary(self) -> list[str]:
         """The tokenizer's tokens in id order (for initialising embeddings from pretrained vectors)."""
         by_id = sorted(self.tokenizer().get_vocab().items(), key=lambda item: item[1])

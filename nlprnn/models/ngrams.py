@@ -58,22 +58,35 @@ class NgramBag(nn.Module):
         to agree, which destabilised training on whole documents. The layer norm makes the bag's scale
         independent of a text's length.
         """
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # (1, T)
-        real = positions < lengths.unsqueeze(1)  # (B, T)
-        pairs = (input_ids[:, :-1] * self.pair_multiplier + input_ids[:, 1:]) % self.buckets + self.vocab_size
-        grams = torch.cat([input_ids, pairs], dim=1)  # (B, 2T-1)
-        mask = torch.cat([real, real[:, 1:]], dim=1).unsqueeze(-1)  # a pair is real when its second token is
+        grams, mask = word_grams(input_ids, lengths, self.vocab_size, self.buckets, self.pair_multiplier)
         if self.distinct:
-            grams, mask = self._first_occurrences(grams, mask)
+            grams, mask = first_occurrences(grams, mask, self.vocab_size + self.buckets)
+        mask = mask.unsqueeze(-1)  # (B, 2T-1, 1)
         if self.training and self.dropout:
             mask = mask & (torch.rand(mask.shape, device=mask.device) >= self.dropout)
         total = (self.table(grams) * mask).sum(1)  # (B, dim); padding contributes exact zeros
         # a text has at least one real n-gram; only dropout can leave none, and then the sum is 0
         return self.norm(total / mask.sum(1).clamp_min(1).to(total.dtype).sqrt())
 
-    def _first_occurrences(self, grams: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text's n-grams sorted, and a mask of the first of each run of equal ones among the real ones."""
-        outside = self.vocab_size + self.buckets  # above every row: padding sorts after the real n-grams
-        grams = grams.masked_fill(~mask.squeeze(-1), outside).sort(dim=1).values
-        new = torch.cat([torch.ones_like(grams[:, :1], dtype=torch.bool), grams[:, 1:] != grams[:, :-1]], dim=1)
-        return grams.clamp(max=outside - 1), (new & (grams < outside)).unsqueeze(-1)
+
+def word_grams(input_ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int, buckets: int,
+               multiplier: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) token ids, real tokens first, and (B,) lengths -> (B, 2T-1) rows and the mask of the real ones.
+
+    Rows 0..vocab_size-1 are the tokens themselves; row vocab_size + (a * multiplier + b) % buckets is the pair
+    (a, b) of adjacent tokens. A pair is real when its second token is.
+    """
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # (1, T)
+    real = positions < lengths.unsqueeze(1)  # (B, T)
+    pairs = (input_ids[:, :-1] * multiplier + input_ids[:, 1:]) % buckets + vocab_size
+    return torch.cat([input_ids, pairs], dim=1), torch.cat([real, real[:, 1:]], dim=1)
+
+
+def first_occurrences(grams: torch.Tensor, real: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text's n-grams sorted (B, N), and the mask of the first of each run of equal ones among the real ones.
+
+    Sorting exports to ONNX as TopK. `rows` is above every n-gram: padding sorts after the real ones.
+    """
+    grams = grams.masked_fill(~real, rows).sort(dim=1).values
+    new = torch.cat([torch.ones_like(grams[:, :1], dtype=torch.bool), grams[:, 1:] != grams[:, :-1]], dim=1)
+    return grams.clamp(max=rows - 1), new & (grams < rows)

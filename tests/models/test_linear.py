@@ -1,0 +1,85 @@
+"""TfidfLogistic: scikit-learn's own TF-IDF + logistic regression, inside the model and blind to padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+from nlprnn.errors import UserError
+from nlprnn.models.linear import C, TfidfLogistic
+from nlprnn.models.ngrams import PAIR_MULTIPLIER
+
+VOCAB, BUCKETS = 40, 1_000_003  # buckets far above the pairs used: no two pairs share a row
+
+
+def texts_and_labels(seed: int, num_classes: int, count: int = 60) -> tuple[list[list[int]], np.ndarray]:
+    """Token id lists whose class shows in which ids they favour, with repeats (so counts exceed 1)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, count)
+    texts = [list(rng.integers(0, VOCAB, rng.integers(1, 25)) // (1 + (label % 2)) + label) for label in labels]
+    return [[int(i) % VOCAB for i in text] for text in texts], labels
+
+
+def flat(texts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([np.asarray(t, dtype=np.int64) for t in texts]), np.cumsum([0] + [len(t) for t in texts])
+
+
+def padded(texts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(t) for t in texts)
+    return (torch.tensor([t + [pad] * (width - len(t)) for t in texts]), torch.tensor([len(t) for t in texts]))
+
+
+def terms(text: list[int]) -> list[str]:
+    """A text's words and adjacent pairs, as scikit-learn's vectorizer would see 'a' and 'a b'."""
+    words = [f"w{i}" for i in text]
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+def sklearn_probabilities(train, labels, test) -> np.ndarray:
+    """The same model written with scikit-learn's vectorizer."""
+    vectorizer = TfidfVectorizer(analyzer=terms, sublinear_tf=True)
+    classifier = LogisticRegression(C=C, max_iter=1000).fit(vectorizer.fit_transform(train), labels)
+    return classifier.predict_proba(vectorizer.transform(test))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_matches_scikit_learn_and_ignores_padding(num_classes):
+    train, labels = texts_and_labels(0, num_classes)
+    # training texts and their first halves: no unseen word or pair (for those, see the next test)
+    test = [text[:cut] for text in train[:20] for cut in (len(text), (len(text) + 1) // 2)]
+    model = TfidfLogistic(VOCAB, BUCKETS, num_classes)
+    accuracy = model.fit(*flat(train), labels)
+    assert 0.5 < accuracy <= 1.0
+    expected = sklearn_probabilities(train, labels, test)
+    batch = torch.softmax(model(*padded(test)), dim=-1).numpy()
+    np.testing.assert_allclose(batch, expected, atol=1e-5)
+    for text, row in zip(test, batch):  # alone, with no padding at all, and with other padding ids
+        alone = torch.softmax(model(*padded([text])), dim=-1)[0].numpy()
+        np.testing.assert_allclose(alone, row, atol=1e-6)
+        np.testing.assert_allclose(torch.softmax(model(*padded([text, [1] * 30], pad=7)), -1)[0].numpy(), row, atol=1e-6)
+
+
+def test_an_unseen_ngram_only_dilutes_the_seen_ones():
+    model = TfidfLogistic(VOCAB, 101, 2)
+    model.fit(*flat([[1, 2], [3, 4]]), np.array([0, 1]))
+    seen, diluted = torch.softmax(model(*padded([[1, 2], [1, 2, 39]])), dim=-1)[:, 0]
+    assert 0.5 < diluted < seen  # the unseen word and pair weigh nothing but share the unit length
+
+
+def test_hashes_pairs_like_the_ngram_bag():
+    assert int(TfidfLogistic(VOCAB, 11, 2).pair_multiplier) == PAIR_MULTIPLIER
+
+
+def test_a_class_missing_from_training_is_never_predicted():
+    train, labels = texts_and_labels(0, 2)
+    model = TfidfLogistic(VOCAB, 101, 3)
+    model.fit(*flat(train), labels * 2)  # classes 0 and 2 only
+    assert torch.softmax(model(*padded(train)), dim=-1)[:, 1].max() < 1e-6
+
+
+def test_one_class_is_refused():
+    with pytest.raises(UserError, match="two classes"):
+        TfidfLogistic(VOCAB, 101, 2).fit(*flat([[1], [2]]), np.array([0, 0]))
