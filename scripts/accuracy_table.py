@@ -39,7 +39,7 @@ RUN_RECORD = "accuracy_run.json"  # beside a run's metrics.json: its wall time a
 STDERR_TAIL_LINES = 40
 TEST_USE = (
     "Each run selects its checkpoint on the validation split (the epoch with the best validation accuracy; among "
-    "epochs tied on it, the lowest validation loss); "
+    "epochs tied on it, the lowest validation loss; with a linear blend, the network's own figures); "
     "the test split is read once per run, at the end, by that checkpoint, and by the baseline. "
     "Seeds change the initialisation, dropout and batch order, not the data split."
 )

@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = sorted(d for d in args.runs_dir.glob("*-fold*of*-seed*") if RUN.fullmatch(d.name) and (d / "best.ckpt").is_file())
     if not runs:
         raise SystemExit(f"blend_rescore: error: no finished cross-validation runs in {args.runs_dir}")
+    import warnings
+
     import datasets
     import torch
 
+    warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")  # the linear model's
     datasets.disable_progress_bars()
     torch.set_num_threads(min(torch.get_num_threads(), 2))  # set deliberately, as for any measurement here
     results = {}

@@ -32,7 +32,7 @@ MIXED_LENGTHS = [1, 300, 2, 17, 299, 150, 64, 3, 250, 5, 100, 1, 42, 8, 200, 33,
 
 def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layers=2, residual=False,
                ngram_dim=0, recurrent_length=None, recurrent_tail=0, ngram_distinct=False,
-               branch_loss=0.0) -> TextClassifier:
+               branch_loss=0.0, linear_blend=0.0) -> TextClassifier:
     """Random weights with dropout on everywhere: export must switch it off to match eval-mode PyTorch."""
     torch.manual_seed(0)
     encoder = functools.partial(
@@ -40,7 +40,8 @@ def tiny_model(cell="lstm", direction="bidirectional", pooling="last", num_layer
     )
     return TextClassifier(VOCAB, len(LABELS), embedding_dim=4, embedding_dropout=0.3, encoder=encoder, pooling=pooling,
                           dropout=0.3, ngram_dim=ngram_dim, ngram_buckets=7, recurrent_length=recurrent_length,
-                          recurrent_tail=recurrent_tail, ngram_distinct=ngram_distinct, branch_loss=branch_loss)
+                          recurrent_tail=recurrent_tail, ngram_distinct=ngram_distinct, branch_loss=branch_loss,
+                          linear_blend=linear_blend)
 
 
 def random_batch(lengths: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +91,20 @@ def test_export_is_exact_with_an_ngram_bag(tmp_path, cell, distinct, tail):
     tokens the recurrence reads), padding ignored. The branches' own heads only train: the graph leaves them out."""
     model = tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100, recurrent_tail=tail,
                        ngram_distinct=distinct, branch_loss=1.0)
+    assert_exact_export(model, tmp_path)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_export_is_exact_with_a_linear_blend(tmp_path, cell):
+    """The linear model's sort, run counts (a scatter) and row norms, and the blend's log-sum-exp: exact on every
+    length, padding ignored, with texts that repeat words and pairs (so counts above 1 weigh in)."""
+    model = tiny_model(cell, "bidirectional", "max", ngram_dim=3, recurrent_length=100, ngram_distinct=True,
+                       branch_loss=1.0, linear_blend=0.5)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, 40)
+    ids = rng.integers(1, 6, lengths.sum()) * rng.integers(1, 4, lengths.sum()) % VOCAB  # few ids: many repeats
+    model.linear.fit(ids, np.concatenate([[0], np.cumsum(lengths)]), rng.integers(0, len(LABELS), len(lengths)))
+    assert model.linear.weight.abs().sum() > 0
     assert_exact_export(model, tmp_path)
 
 

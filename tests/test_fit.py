@@ -50,6 +50,13 @@ def test_fit_trains_tests_and_saves_the_run_folder(tmp_path, tiny_csv):
     assert state["hyper_parameters"]["num_classes"] == 2 and state["hyper_parameters"]["pad_id"] == vocab["[PAD]"]
     config = (run / "config.yaml").read_text()
     assert "hidden_size: 16" in config and str(tiny_csv) in config
+    # The default recipe's linear blend: fitted before training, kept in the checkpoint, the network's own figures
+    # reported beside the blend's and followed by the best checkpoint.
+    assert state["state_dict"]["linear.weight"].shape == (len(vocab) + 200_003, 2)
+    assert state["state_dict"]["linear.weight"].abs().sum() > 0
+    assert f"(the network alone: {metrics['test_network_acc']:.4f})" in proc.stdout
+    assert "TF-IDF + logistic regression on the model's tokens, fitted to" in proc.stderr + proc.stdout
+    assert any("'monitor': 'val_network_acc'" in key or "monitor='val_network_acc'" in key for key in state["callbacks"])
 
 
 def test_fast_dev_run_without_a_logger(tmp_path, tiny_csv):

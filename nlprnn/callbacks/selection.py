@@ -7,6 +7,9 @@ Measured on validation data alone by scripts/selection_rules.py (an epoch chosen
 validation split and scored on the other 20%, the same 300 splits for each rule, seeds 1-3 of the default
 recipe), against keeping the first of the tied epochs: movie-snippets -0.04 points, trec6 +0.17, sms-spam +0.02,
 bbc-news +0.16.
+
+A model may name the two figures (`selection_metrics`): nlprnn's TextClassifier with a linear blend follows its
+network's own, val_network_acc and val_network_loss, since the frozen linear model's share would mask them.
 """
 
 from __future__ import annotations

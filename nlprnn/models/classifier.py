@@ -1,4 +1,5 @@
-"""TextClassifier: embedding -> recurrent encoder -> pooling -> linear head, with loss, metrics and schedule."""
+"""TextClassifier: embedding -> recurrent encoder -> pooling -> linear head (beside it an n-gram bag, and a TF-IDF +
+logistic regression blended into its probabilities), with loss, metrics and schedule."""
 
 from __future__ import annotations
 

@@ -83,3 +83,58 @@ def test_a_class_missing_from_training_is_never_predicted():
 def test_one_class_is_refused():
     with pytest.raises(UserError, match="two classes"):
         TfidfLogistic(VOCAB, 101, 2).fit(*flat([[1], [2]]), np.array([0, 0]))
+
+
+def blended_model(share: float = 0.25):
+    from nlprnn.models.classifier import TextClassifier
+
+    torch.manual_seed(0)
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_buckets=101, linear_blend=share).eval()
+    train, labels = texts_and_labels(0, 3)
+    model.linear.fit(*flat(train), labels)
+    return model, padded(train[:8])
+
+
+def test_the_classifier_blends_the_two_probabilities_at_its_share():
+    model, (ids, lengths) = blended_model(0.25)
+    with torch.no_grad():
+        network, blended = model.outputs(ids, lengths)
+        expected = 0.75 * network.softmax(-1) + 0.25 * model.linear(ids, lengths).softmax(-1)
+        torch.testing.assert_close(model(ids, lengths), blended)
+    torch.testing.assert_close(blended.exp(), expected)  # log-probabilities: the logits of the blend
+    assert model.selection_metrics == ("val_network_acc", "val_network_loss")
+
+
+def test_without_a_share_there_is_no_linear_model():
+    from nlprnn.models.classifier import TextClassifier
+
+    model = TextClassifier(VOCAB, 3, embedding_dim=4)
+    assert model.linear is None and model.selection_metrics == ("val_acc", "val_loss")
+    assert not any(name.startswith("linear.") for name in model.state_dict())
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_a_share_outside_0_to_1_is_refused(share):
+    from nlprnn.models.classifier import TextClassifier
+
+    with pytest.raises(UserError, match=r"linear_blend .* in \[0, 1\)"):
+        TextClassifier(VOCAB, 3, linear_blend=share)
+
+
+def test_a_checkpoint_keeps_its_fitted_linear_model_and_one_from_before_loads_without_one(tmp_path):
+    import lightning
+
+    from nlprnn.export import load_checkpoint
+
+    model, (ids, lengths) = blended_model(0.5)
+    hparams = {"vocab_size": VOCAB, "num_classes": 3, "embedding_dim": 4, "ngram_buckets": 101,
+               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    for name, saved in (("now", {**hparams, "linear_blend": 0.5}), ("old", hparams)):
+        state = {k: v for k, v in model.state_dict().items() if name == "now" or not k.startswith("linear.")}
+        torch.save({"state_dict": state, "hyper_parameters": saved,
+                    "pytorch-lightning_version": lightning.__version__}, tmp_path / f"{name}.ckpt")
+    now, old = load_checkpoint(tmp_path / "now.ckpt").eval(), load_checkpoint(tmp_path / "old.ckpt").eval()
+    assert old.linear is None
+    with torch.no_grad():
+        torch.testing.assert_close(now(ids, lengths), model(ids, lengths), rtol=0, atol=0)
+        torch.testing.assert_close(old(ids, lengths), model.outputs(ids, lengths)[0], rtol=0, atol=0)
