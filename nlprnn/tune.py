@@ -373,7 +373,7 @@ class Search:
         from optuna.trial import TrialState
 
         if trial.state == TrialState.COMPLETE:
-            outcome = f"val_acc {trial.value:.4f}"
+            outcome = f"validation accuracy {trial.value:.4f}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned at epoch {trial.last_step}"
         else:
@@ -397,7 +397,7 @@ class Search:
         write_text(self.output_dir / "trials.csv", trials_table(study))
         best = best_trial(study)
         if best is not None:
-            header = (f"# nlprnn.tune study {self.study_name}: trial {best.number}, best val_acc {best.value:.4f}\n"
+            header = (f"# nlprnn.tune study {self.study_name}: trial {best.number}, best validation accuracy {best.value:.4f}\n"
                       f"# train and test it: python -m nlprnn.fit --config {self.output_dir / 'best.yaml'}\n")
             write_text(self.output_dir / "best.yaml", header + self.configs.dump(fit_args(best.params)))
         self.plot_notes = write_plots(study, self.output_dir)
@@ -410,7 +410,7 @@ class Search:
             print(f"{PROG}: no trial completed; trials.csv in {self.output_dir} lists what happened", flush=True)
             return
         params = ", ".join(f"{path}={value!r}" for path, value in best.params.items())
-        print(f"{PROG}: best val_acc {best.value:.4f} (trial {best.number} of {len(study.trials)}): {params}\n"
+        print(f"{PROG}: best validation accuracy {best.value:.4f} (trial {best.number} of {len(study.trials)}): {params}\n"
               f"{PROG}: results in {self.output_dir} (best.yaml, trials.csv, plots); train and test the best with:\n"
               f"  python -m nlprnn.fit --config {self.output_dir / 'best.yaml'}", flush=True)
 

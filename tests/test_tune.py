@@ -73,7 +73,7 @@ def test_search_prunes_a_bad_trial_and_writes_a_best_config_that_fit_runs(tmp_pa
     assert rows[1]["model.lr"] == str(BAD_LR) and rows[1]["epochs"] == "2"
     assert (out / "optimization_history.png").stat().st_size > 0 and (out / "param_importances.png").stat().st_size > 0
     best = trials[0] if trials[0].value >= trials[2].value else trials[2]
-    assert f"best val_acc {best.value:.4f} (trial {best.number}" in proc.stdout
+    assert f"best validation accuracy {best.value:.4f} (trial {best.number}" in proc.stdout
     assert f"python -m nlprnn.fit --config {out / 'best.yaml'}" in proc.stdout
     # Validation only: no trial tested its model (fit writes metrics.json after the test).
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0", "trial-1", "trial-2"]
