@@ -236,6 +236,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--extra", default="",
                         help='arguments for every fit run, as one string: --extra="--trainer.max_epochs 3"')
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) < len(args.seeds):  # a seed twice would count one run twice in the mean and spread
+        parser.error("--seeds holds a seed twice")
     args.extra = shlex.split(args.extra) + passthrough
     return args
 

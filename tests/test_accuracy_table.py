@@ -93,3 +93,10 @@ def test_a_failed_run_stops_the_script_with_its_error(tmp_path):
     assert proc.returncode == 2
     assert "nlprnn.fit: error: file not found" in proc.stderr and "failed with status 2" in proc.stderr
     assert "seed 2" not in proc.stdout and not (tmp_path / "docs").exists()
+
+
+def test_a_seed_given_twice_ends_with_one_line_and_runs_nothing(tmp_path):
+    proc = table("--datasets", "trec6", "--seeds", "1", "1", "--out", str(tmp_path / "docs"),
+                 "--runs_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("--seeds holds a seed twice")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "docs").exists() and not (tmp_path / "runs").exists()
