@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def padded(texts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Te
 def terms(text: list[int]) -> list[str]:
     """A text's words and adjacent pairs, as scikit-learn's vectorizer would see 'a' and 'a b'."""
     words = [f"w{i}" for i in text]
-    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return words + [f"{a} {b}" for a, b in pairwise(words)]
 
 
 def sklearn_probabilities(train, labels, test) -> np.ndarray:
