@@ -14,11 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from nlprnn.baseline import C, MAX_ITER  # the linear model is that baseline, on the model's tokens
 from nlprnn.errors import UserError
 from nlprnn.models.ngrams import PAIR_MULTIPLIER, first_occurrences, word_grams
-
-C = 4.0  # the baseline's regularisation (nlprnn.baseline): the linear model is that baseline, on the model's tokens
-MAX_ITER = 1000
 
 
 class TfidfLogistic(nn.Module):
@@ -53,24 +51,27 @@ class TfidfLogistic(nn.Module):
     @torch.no_grad()
     def fit(self, ids: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> float:
         """Fit on texts whose token ids are `ids[offsets[i]:offsets[i+1]]`, labelled `labels`; return its training accuracy."""
-        from sklearn.linear_model import LogisticRegression  # only when training: prediction needs no scikit-learn
+        # only when training: prediction needs no scikit-learn
+        from sklearn.feature_extraction.text import TfidfTransformer
+        from sklearn.linear_model import LogisticRegression
 
         num_classes = self.weight.size(1)
         classes = np.unique(labels)
         if len(classes) < 2:
             raise UserError("model.linear_blend needs at least two classes in the training split; set it to 0")
         counts = term_counts(ids, offsets, self.vocab_size, self.buckets, int(self.pair_multiplier))
-        idf = smoothed_idf(counts)
-        classifier = LogisticRegression(C=C, max_iter=MAX_ITER).fit(tfidf(counts, idf), labels)
+        transformer = TfidfTransformer(sublinear_tf=True).fit(counts)  # smoothed idf, rows of unit length
+        features = transformer.transform(counts)
+        classifier = LogisticRegression(C=C, max_iter=MAX_ITER).fit(features, labels)
         weight = np.zeros((counts.shape[1], num_classes))
         bias = np.full(num_classes, -1e4)  # a class without training texts is never predicted
         if len(classes) == 2:  # one decision function: p(second class) = sigmoid(x . w + b), a softmax over (0, .)
             weight[:, classes[1]], bias[classes] = classifier.coef_[0], (0.0, classifier.intercept_[0])
         else:
             weight[:, classes], bias[classes] = classifier.coef_.T, classifier.intercept_
-        for buffer, value in ((self.idf, idf), (self.weight, weight), (self.bias, bias)):
+        for buffer, value in ((self.idf, transformer.idf_), (self.weight, weight), (self.bias, bias)):
             buffer.copy_(torch.from_numpy(value))
-        return float(classifier.score(tfidf(counts, idf), labels))
+        return float(classifier.score(features, labels))
 
 
 def term_counts(ids: np.ndarray, offsets: np.ndarray, vocab_size: int, buckets: int, multiplier: int):
@@ -86,20 +87,3 @@ def term_counts(ids: np.ndarray, offsets: np.ndarray, vocab_size: int, buckets: 
     keys = np.concatenate([text_of * rows + ids, text_of[1:][paired] * rows + pairs[paired]])
     keys, counts = np.unique(keys, return_counts=True)
     return sp.csr_matrix((counts.astype(np.float64), (keys // rows, keys % rows)), shape=(texts, rows))
-
-
-def smoothed_idf(counts) -> np.ndarray:
-    """ln((1 + texts) / (1 + texts holding the n-gram)) + 1, as scikit-learn's TfidfTransformer smooths it."""
-    held = np.bincount(counts.indices, minlength=counts.shape[1])
-    return np.log((1 + counts.shape[0]) / (1 + held)) + 1
-
-
-def tfidf(counts, idf: np.ndarray):
-    """Sublinear term counts times idf, each text's row scaled to unit length."""
-    import scipy.sparse as sp
-
-    weighted = counts.copy()
-    weighted.data = 1 + np.log(weighted.data)
-    weighted = weighted.multiply(idf).tocsr()
-    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(1)).ravel())
-    return sp.diags(1 / np.maximum(norms, 1e-12)) @ weighted
