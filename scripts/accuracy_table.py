@@ -222,6 +222,12 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:at], argv[at + 1:]
 
 
+def check_distinct_seeds(parser: argparse.ArgumentParser, seeds: list[int]) -> None:
+    """End the command with one line when a seed is given twice: its run would count twice in the mean and spread."""
+    if len(set(seeds)) < len(seeds):
+        parser.error("--seeds holds a seed twice")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     argv, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -236,8 +242,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--extra", default="",
                         help='arguments for every fit run, as one string: --extra="--trainer.max_epochs 3"')
     args = parser.parse_args(argv)
-    if len(set(args.seeds)) < len(args.seeds):  # a seed twice would count one run twice in the mean and spread
-        parser.error("--seeds holds a seed twice")
+    check_distinct_seeds(parser, args.seeds)
     args.extra = shlex.split(args.extra) + passthrough
     return args
 
