@@ -128,6 +128,7 @@ def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
         ("model.lr: {type: float, low: 0, high: 0.01, log: true}", [], "model.lr: log needs low > 0"),
         ("model.lr: {type: uniform, low: 0.001, high: 0.01}", [], "model.lr: expected {type: int | float | categorical"),
         ("model.pooling: {type: categorical, choices: [last, sideways]}", [], "model.pooling cannot be 'sideways'"),
+        ("model.linear_blend: {type: float, low: 0.2, high: 0.8}", [], "model.linear_blend cannot be searched"),
         ("data.batch_size: {type: int, low: 8.5, high: 64}", [], "data.batch_size: low must be an integer"),
         (SPACE, ["--run_name", "mine"], "the fit configuration sets run_name (mine)"),
         (SPACE, ["--trainer.max_epochz", "3"], "the fit configuration does not parse"),
