@@ -316,6 +316,23 @@ class TextClassifier(L.LightningModule):
         rest = [p for p in self.parameters() if p is not table]
         return [{"params": rest}, {"params": [table], "lr": self.hparams.lr * self.hparams.ngram_lr_scale}]
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by norm as Lightning does, but on a CPU scale the gradients only when clipping changes them.
+
+        clip_grad_norm_ multiplies every gradient by min(1, max_norm / norm) at every step, so that a GPU never
+        waits for the norm. On a CPU the norm is at hand, and the default recipe's gradients are mostly within
+        the limit: the multiplication by 1, a pass over all 3.3M weights, took 1.4 of the 1.6 ms that clipping
+        cost per step (of about 27 ms) on 2 cores. The result is the same to the bit.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if (not gradient_clip_val or gradient_clip_algorithm not in (None, "norm") or not params
+                or any(p.device.type != "cpu" for p in params)):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not bool(gradient_clip_val / (norm + 1e-6) >= 1.0):  # clip_grad_norm_'s factor, before its clamp at 1
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+
     def configure_optimizers(self):
         # The fused update is one vectorised kernel over all parameters; the default per-tensor loop
         # costs about 3x more per step on a CPU, mostly on the embedding.

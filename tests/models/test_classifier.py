@@ -124,3 +124,22 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
     assert all(a < b for a, b in zip(rates[:9], rates[1:10]))
     assert rates[60] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
     assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] < 1e-4
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])  # of the gradients' norm: clipped, at the edge, left alone
+def test_gradient_clipping_matches_clip_grad_norm_to_the_bit(scale):
+    model = classifier("lstm", "bidirectional", "max")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # clipping reads only its parameter groups
+    batch = token_batch([5, 3, 1])
+    model.loss(model(batch["input_ids"], batch["lengths"]), batch["labels"]).backward()
+    limit = scale * float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    before = [p.grad.clone() for p in model.parameters()]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for copy, grad in zip(copies, before):
+        copy.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_(copies, limit)
+    # at the edge too, clip_grad_norm_ scales by limit / (norm + 1e-6), just below 1
+    assert any(not torch.equal(c.grad, g) for c, g in zip(copies, before)) == (scale <= 1)
+
+    model.configure_gradient_clipping(optimizer, limit, "norm")
+    assert all(torch.equal(p.grad, copy.grad) for p, copy in zip(model.parameters(), copies))
