@@ -41,7 +41,7 @@ from nlprnn.deploy.bundle import (
 )
 from nlprnn.errors import ReportedError, UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
-from nlprnn.quantize import QUANTIZATIONS, Validation, quantize_bundle, validation_split
+from nlprnn.quantize import QUANTIZATIONS, Validation, describe, quantize_bundle, validation_split
 
 TOLERANCE = 1e-4  # largest accepted |logit(ONNX) - logit(PyTorch)|
 OPSET = 17
@@ -355,6 +355,9 @@ def main(args: list[str] | None = None) -> Path:
     with exit_on_reported_error("nlprnn.export"):
         out = export_checkpoint(options.checkpoint, options.out, options.overwrite, options.max_length,
                                 options.quantize)
+    quantization = read_bundle(out).manifest.quantization
+    if quantization:
+        print(describe(quantization))
     print(f"bundle written to {out}")
     return out
 

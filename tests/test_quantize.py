@@ -29,10 +29,13 @@ def op_counts(bundle: Path) -> Counter:
 def test_an_int8_bundle_is_smaller_predicts_and_records_its_agreement(run_dir, tmp_path, capsys):
     float_bundle = export.main([str(run_dir), "--out", str(tmp_path / "float")])
     int8_bundle = export.main([str(run_dir), "--out", str(tmp_path / "int8"), "--quantize", "int8"])
-    assert f"bundle written to {int8_bundle}" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"bundle written to {int8_bundle}"
+    assert printed[-2].startswith("int8 keeps the float model's label on ") and "kept float" not in printed[-2]
 
     record = json.loads((int8_bundle / "nlprnn.json").read_text())["quantization"]
     assert record["type"] == "int8" and record["label_agreement"] >= quantize.MIN_LABEL_AGREEMENT
+    assert record["float_parts"] == []  # all of it int8: enough labels kept at the first try
     assert record["validation_texts"] == 12  # 10% of the 120 examples, split off as in training
     assert 0 <= record["accuracy_float"] <= 1 and 0 <= record["accuracy_int8"] <= 1
     assert read_bundle(float_bundle).manifest.quantization is None  # a float bundle says so by having none
@@ -58,9 +61,30 @@ def test_too_little_agreement_is_refused_and_leaves_nothing(run_dir, tmp_path, c
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("nlprnn.export: error: the int8 model predicts the float model's label on only 100.00% of "
-                          "12 validation texts (at least 101% required); no bundle was written to")
+                          "12 validation texts (100.00% with the embedding float) (at least 101% required); no "
+                          "bundle was written to")
     assert "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_embedding_table_stays_float_when_int8_moves_too_many_labels(run_dir, tmp_path, monkeypatch, capsys):
+    real = quantize.predicted_labels
+
+    def labels_moved_by_an_int8_table(bundle: Path, texts):
+        """The bundle's labels, all flipped when its embedding table is int8 (two classes)."""
+        initializers = {i.name for i in onnx.load(str(bundle / "model.onnx")).graph.initializer}
+        return real(bundle, texts) ^ ("model.embedding.weight" not in initializers)
+
+    monkeypatch.setattr(quantize, "predicted_labels", labels_moved_by_an_int8_table)
+    bundle = export.main([str(run_dir), "--out", str(tmp_path / "int8"), "--quantize", "int8"])
+    record = read_bundle(bundle).manifest.quantization
+    assert record["float_parts"] == ["embedding"] and record["label_agreement"] >= quantize.MIN_LABEL_AGREEMENT
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    table = next(i for i in graph.initializer if i.name == "model.embedding.weight")
+    assert table.data_type == onnx.TensorProto.FLOAT
+    assert op_counts(bundle)["DynamicQuantizeLSTM"] == 4  # the rest is int8 still
+    assert sorted(p.name for p in bundle.iterdir()) == ["labels.json", "model.onnx", "nlprnn.json", "tokenizer.json"]
+    assert capsys.readouterr().out.splitlines()[-2].endswith("; the embedding kept float")
 
 
 def test_int8_without_its_validation_data_is_refused(run_dir, tmp_path, capsys):
