@@ -51,7 +51,7 @@ def quantize_int8(source: Path, target: Path, float_parts: Sequence[str] = ()) -
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     prefixes = tuple(f"/model/{part}/" for part in float_parts)  # nlprnn.export names the classifier `model`
-    kept = [node.name for node in onnx.load(str(source)).graph.node if prefixes and node.name.startswith(prefixes)]
+    kept = [node.name for node in onnx.load(str(source)).graph.node if node.name.startswith(prefixes)]
     if float_parts and not kept:
         raise RuntimeError(f"no node of {', '.join(float_parts)} in {source}: the export's node names changed")
     with _quiet_root_logger():
@@ -139,12 +139,13 @@ def quantize_bundle(scratch: Path, validation: Validation, out: Path) -> dict[st
     where the bundle would have gone).
     """
     import dataclasses
+    import os
 
     from nlprnn.deploy.bundle import MANIFEST_FILE, MODEL_FILE, read_bundle
 
     float_labels = predicted_labels(scratch, validation.texts)
-    float_model = scratch / "model.float.onnx"
-    float_model.write_bytes((scratch / MODEL_FILE).read_bytes())
+    float_model = scratch / "model.float.onnx"  # each try writes the bundle's model afresh from it
+    os.replace(scratch / MODEL_FILE, float_model)
     records = []
     for float_parts in FALLBACKS:
         quantize_int8(float_model, scratch / MODEL_FILE, float_parts)
