@@ -100,6 +100,8 @@ class ToyServer:
                     return
                 finally:
                     self.idle.discard(writer)
+                if writer.is_closing():  # shutdown closed it while the request arrived: no answer can reach the client
+                    return
                 method, path, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
                 length = 0
                 for line in head.split(b"\r\n")[1:]:
