@@ -241,6 +241,8 @@ def make_parents(database: Path, url: str) -> list[Path]:
 def pruning_callback(trial):
     from lightning.pytorch.callbacks import Callback
 
+    from nlprnn.callbacks.selection import selection_metrics
+
     class ReportToTrial(Callback):
         """Reports the validation accuracy the best checkpoint follows (val_acc, or with a linear blend the network's
         own, val_network_acc) to the trial after each validation round; stops training when Optuna prunes it."""
@@ -250,7 +252,7 @@ def pruning_callback(trial):
             self.pruned_at: int | None = None
 
         def on_validation_end(self, trainer, pl_module) -> None:
-            monitor = getattr(pl_module, "selection_metrics", ("val_acc",))[0]  # the trial's value is its best
+            monitor = selection_metrics(pl_module)[0]  # the trial's value is its best
             value = trainer.callback_metrics.get(monitor)
             if trainer.sanity_checking or value is None:
                 return

@@ -26,6 +26,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 MONITOR, TIE_BREAK = "val_acc", "val_loss"
 
 
+def selection_metrics(model: L.LightningModule) -> tuple[str, str]:
+    """The validation accuracy and loss that choose `model`'s best epoch: its own `selection_metrics` if it names
+    them (nlprnn's TextClassifier with a linear blend follows its network's), else val_acc and val_loss."""
+    return getattr(model, "selection_metrics", (MONITOR, TIE_BREAK))
+
+
 class BestCheckpoint(ModelCheckpoint):
     """`<dirpath>/best.ckpt`: the epoch with the highest val_acc, ties going to the lower val_loss.
 
@@ -45,8 +51,7 @@ class BestCheckpoint(ModelCheckpoint):
         self.stopped_epoch = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # A model may name its own (nlprnn's TextClassifier with a linear blend follows its network's figures).
-        self.monitor, self.tie_break = getattr(pl_module, "selection_metrics", (MONITOR, TIE_BREAK))
+        self.monitor, self.tie_break = selection_metrics(pl_module)
         super().setup(trainer, pl_module, stage)
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
