@@ -126,10 +126,10 @@ class FitConfigs:
     def check_space(self, space: list[Dimension], source: str) -> None:
         """Every path must be a fit parameter, and every choice and range end a value fit accepts there."""
         for dim in space:
-            if dim.path == "model.linear_blend":
-                raise UserError(f"search space {source}: model.linear_blend cannot be searched: trials are compared on "
-                                "the network's own validation accuracy, which the linear model's share does not change; "
-                                "set it in the recipe")
+            if dim.path in ("model.linear_blend", "model.linear_c"):
+                raise UserError(f"search space {source}: {dim.path} cannot be searched: trials are compared on the "
+                                "network's own validation accuracy, which the linear model does not change; set it in "
+                                "the recipe")
             for value in dim.extremes():
                 try:
                     self.parse(fit_args({dim.path: value}))

@@ -129,6 +129,7 @@ def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
         ("model.lr: {type: uniform, low: 0.001, high: 0.01}", [], "model.lr: expected {type: int | float | categorical"),
         ("model.pooling: {type: categorical, choices: [last, sideways]}", [], "model.pooling cannot be 'sideways'"),
         ("model.linear_blend: {type: float, low: 0.2, high: 0.8}", [], "model.linear_blend cannot be searched"),
+        ("model.linear_c: {type: float, low: 1, high: 1000, log: true}", [], "model.linear_c cannot be searched"),
         ("data.batch_size: {type: int, low: 8.5, high: 64}", [], "data.batch_size: low must be an integer"),
         (SPACE, ["--run_name", "mine"], "the fit configuration sets run_name (mine)"),
         (SPACE, ["--trainer.max_epochz", "3"], "the fit configuration does not parse"),

@@ -4,7 +4,8 @@ A recurrent network and a linear model over words and word pairs err on differen
 probabilities got more held-out examples right than the network alone on every built-in dataset, in 5-fold
 cross-validation over three seeds (docs/defaults.md, "The linear blend"). The linear model is the classic one (sublinear term counts, smoothed idf, rows scaled
 to unit length, L2-regularised logistic regression), fitted to convergence by scikit-learn on the training split
-before the network trains, and then frozen. It reads the model's own token ids and the n-gram bag's hashed word
+before the network trains, and then frozen. Its regularisation is its own (`c`): the blend wants a linear model
+far less regularised than the baseline's (docs/defaults.md). It reads the model's own token ids and the n-gram bag's hashed word
 pairs (nlprnn.models.ngrams), so it exports to ONNX inside the same graph and predicts without scikit-learn.
 """
 
@@ -14,17 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlprnn.baseline import C, MAX_ITER  # the linear model is that baseline, on the model's tokens
+from nlprnn.baseline import MAX_ITER
 from nlprnn.errors import UserError
 from nlprnn.models.ngrams import PAIR_MULTIPLIER, first_occurrences, word_grams
 
 
 class TfidfLogistic(nn.Module):
-    def __init__(self, vocab_size: int, buckets: int, num_classes: int) -> None:
+    def __init__(self, vocab_size: int, buckets: int, num_classes: int, c: float) -> None:
         """Rows 0..vocab_size-1 are words, the next `buckets` hashed word pairs; every weight is a buffer that
-        `fit` fills, so the optimizer never sees them and checkpoints keep them."""
+        `fit` fills, so the optimizer never sees them and checkpoints keep them. `c` is scikit-learn's C, the
+        inverse of the L2 penalty's strength."""
         super().__init__()
-        self.vocab_size, self.buckets = vocab_size, buckets
+        self.vocab_size, self.buckets, self.c = vocab_size, buckets, c
         rows = vocab_size + buckets
         self.register_buffer("pair_multiplier", torch.tensor(PAIR_MULTIPLIER, dtype=torch.int64))
         self.register_buffer("idf", torch.ones(rows))
@@ -62,7 +64,7 @@ class TfidfLogistic(nn.Module):
         counts = term_counts(ids, offsets, self.vocab_size, self.buckets, int(self.pair_multiplier))
         transformer = TfidfTransformer(sublinear_tf=True).fit(counts)  # smoothed idf, rows of unit length
         features = transformer.transform(counts)
-        classifier = LogisticRegression(C=C, max_iter=MAX_ITER).fit(features, labels)
+        classifier = LogisticRegression(C=self.c, max_iter=MAX_ITER).fit(features, labels)
         weight = np.zeros((counts.shape[1], num_classes))
         bias = np.full(num_classes, -1e4)  # a class without training texts is never predicted
         if len(classes) == 2:  # one decision function: p(second class) = sigmoid(x . w + b), a softmax over (0, .)

@@ -11,10 +11,11 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from nlprnn.errors import UserError
-from nlprnn.models.linear import C, TfidfLogistic
+from nlprnn.models.linear import TfidfLogistic
 from nlprnn.models.ngrams import PAIR_MULTIPLIER
 
 VOCAB, BUCKETS = 40, 1_000_003  # buckets far above the pairs used: no two pairs share a row
+C = 4.0
 
 
 def texts_and_labels(seed: int, num_classes: int, count: int = 60) -> tuple[list[list[int]], np.ndarray]:
@@ -40,22 +41,22 @@ def terms(text: list[int]) -> list[str]:
     return words + [f"{a} {b}" for a, b in pairwise(words)]
 
 
-def sklearn_probabilities(train, labels, test) -> np.ndarray:
+def sklearn_probabilities(train, labels, test, c: float = C) -> np.ndarray:
     """The same model written with scikit-learn's vectorizer."""
     vectorizer = TfidfVectorizer(analyzer=terms, sublinear_tf=True)
-    classifier = LogisticRegression(C=C, max_iter=1000).fit(vectorizer.fit_transform(train), labels)
+    classifier = LogisticRegression(C=c, max_iter=1000).fit(vectorizer.fit_transform(train), labels)
     return classifier.predict_proba(vectorizer.transform(test))
 
 
-@pytest.mark.parametrize("num_classes", [2, 3])
-def test_matches_scikit_learn_and_ignores_padding(num_classes):
+@pytest.mark.parametrize("num_classes, c", [(2, C), (3, C), (3, 1024.0)])
+def test_matches_scikit_learn_and_ignores_padding(num_classes, c):
     train, labels = texts_and_labels(0, num_classes)
     # training texts and their first halves: no unseen word or pair (for those, see the next test)
     test = [text[:cut] for text in train[:20] for cut in (len(text), (len(text) + 1) // 2)]
-    model = TfidfLogistic(VOCAB, BUCKETS, num_classes)
+    model = TfidfLogistic(VOCAB, BUCKETS, num_classes, c)
     accuracy = model.fit(*flat(train), labels)
     assert 0.5 < accuracy <= 1.0
-    expected = sklearn_probabilities(train, labels, test)
+    expected = sklearn_probabilities(train, labels, test, c)
     batch = torch.softmax(model(*padded(test)), dim=-1).numpy()
     np.testing.assert_allclose(batch, expected, atol=1e-5)
     for text, row in zip(test, batch):  # alone, with no padding at all, and with other padding ids
@@ -65,33 +66,33 @@ def test_matches_scikit_learn_and_ignores_padding(num_classes):
 
 
 def test_an_unseen_ngram_only_dilutes_the_seen_ones():
-    model = TfidfLogistic(VOCAB, 101, 2)
+    model = TfidfLogistic(VOCAB, 101, 2, C)
     model.fit(*flat([[1, 2], [3, 4]]), np.array([0, 1]))
     seen, diluted = torch.softmax(model(*padded([[1, 2], [1, 2, 39]])), dim=-1)[:, 0]
     assert 0.5 < diluted < seen  # the unseen word and pair weigh nothing but share the unit length
 
 
 def test_hashes_pairs_like_the_ngram_bag():
-    assert int(TfidfLogistic(VOCAB, 11, 2).pair_multiplier) == PAIR_MULTIPLIER
+    assert int(TfidfLogistic(VOCAB, 11, 2, C).pair_multiplier) == PAIR_MULTIPLIER
 
 
 def test_a_class_missing_from_training_is_never_predicted():
     train, labels = texts_and_labels(0, 2)
-    model = TfidfLogistic(VOCAB, 101, 3)
+    model = TfidfLogistic(VOCAB, 101, 3, C)
     model.fit(*flat(train), labels * 2)  # classes 0 and 2 only
     assert torch.softmax(model(*padded(train)), dim=-1)[:, 1].max() < 1e-6
 
 
 def test_one_class_is_refused():
     with pytest.raises(UserError, match="two classes"):
-        TfidfLogistic(VOCAB, 101, 2).fit(*flat([[1], [2]]), np.array([0, 0]))
+        TfidfLogistic(VOCAB, 101, 2, C).fit(*flat([[1], [2]]), np.array([0, 0]))
 
 
 def blended_model(share: float = 0.25):
     from nlprnn.models.classifier import TextClassifier
 
     torch.manual_seed(0)
-    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_buckets=101, linear_blend=share).eval()
+    model = TextClassifier(VOCAB, 3, embedding_dim=4, ngram_buckets=101, linear_blend=share, linear_c=C).eval()
     train, labels = texts_and_labels(0, 3)
     model.linear.fit(*flat(train), labels)
     return model, padded(train[:8])
@@ -121,6 +122,26 @@ def test_a_share_outside_0_to_1_is_refused(share):
 
     with pytest.raises(UserError, match=r"linear_blend .* in \[0, 1\)"):
         TextClassifier(VOCAB, 3, linear_blend=share)
+
+
+@pytest.mark.parametrize("c", [0.0, -1.0])
+def test_a_penalty_inverse_of_0_or_below_is_refused(c):
+    from nlprnn.models.classifier import TextClassifier
+
+    with pytest.raises(UserError, match=r"linear_c .* above 0: got"):
+        TextClassifier(VOCAB, 3, linear_blend=0.5, linear_c=c)
+
+
+def test_a_weaker_penalty_gives_the_linear_model_surer_probabilities():
+    """Why the blend's linear model is far less regularised than the baseline: at the baseline's C its
+    probabilities are nearly flat beside the network's (docs/defaults.md)."""
+    train, labels = texts_and_labels(0, 3)
+    sureness = []
+    for c in (C, 1024.0):
+        model = TfidfLogistic(VOCAB, 101, 3, c)
+        model.fit(*flat(train), labels)
+        sureness.append(float(torch.softmax(model(*padded(train)), dim=-1).max(-1).values.mean()))
+    assert sureness[0] + 0.2 < sureness[1]
 
 
 def test_a_checkpoint_keeps_its_fitted_linear_model_and_one_from_before_loads_without_one(tmp_path):
