@@ -1,7 +1,7 @@
 """Score the linear blend (`model.linear_blend`) on the finished runs of a cross-validation, without training them again.
 
     .venv/bin/python scripts/blend_rescore.py                          # checkpoints/cross-validation, share 0.5
-    .venv/bin/python scripts/blend_rescore.py --runs_dir checkpoints/cv-other --share 0.3
+    .venv/bin/python scripts/blend_rescore.py --runs_dir checkpoints/cv-other --share 0.3 --linear_c 4
 
 For every run folder of `scripts/cross_validate.py` (<dataset>-fold<k>of<n>-seed<s>), the TF-IDF + logistic
 regression of `nlprnn.models.linear` is fitted to the run's training split, prepared from its config.yaml as fit
@@ -26,7 +26,7 @@ RUN = re.compile(r"(?P<dataset>.+)-fold(?P<fold>\d+)of(?P<folds>\d+)-seed(?P<see
 WAYS = ("network", "linear", "blend")
 
 
-def rescore(run_dir: Path, share: float) -> dict[str, int]:
+def rescore(run_dir: Path, share: float, linear_c: float) -> dict[str, int]:
     """Held-out examples the run's network, the linear model and their blend get right, and how many there are."""
     import torch
     import yaml
@@ -40,7 +40,7 @@ def rescore(run_dir: Path, share: float) -> dict[str, int]:
     module.prepare()
     module.setup()
     model = TextClassifier.load_from_checkpoint(run_dir / "best.ckpt", map_location="cpu", linear_blend=share,
-                                                strict=False).eval()  # strict: the linear model is not in it
+                                                linear_c=linear_c, strict=False).eval()  # strict: the linear model is not in it
     model.linear.fit(*module.training_tokens)
     right = dict.fromkeys(WAYS, 0) | {"held_out": 0}
     with torch.inference_mode():
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", type=Path, default=ROOT / "checkpoints" / "cross-validation")
     parser.add_argument("--share", type=float, default=0.5, help="the linear model's share of each prediction")
+    parser.add_argument("--linear_c", type=float, default=1024.0, help="the inverse of the linear model's L2 penalty")
     args = parser.parse_args(argv)
     runs = sorted(d for d in args.runs_dir.glob("*-fold*of*-seed*") if RUN.fullmatch(d.name) and (d / "best.ckpt").is_file())
     if not runs:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     totals: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for run_dir in runs:
-        results[run_dir.name] = right = rescore(run_dir, args.share)
+        results[run_dir.name] = right = rescore(run_dir, args.share, args.linear_c)
         name = RUN.fullmatch(run_dir.name)
         for key, count in right.items():
             totals[name["dataset"], int(name["seed"])][key] += count
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     for (dataset, seed), t in sorted(totals.items()):
         print(f"| {dataset} | {seed} | {t['held_out']:,} | " + " | ".join(f"{t[w]:,} ({100 * t[w] / t['held_out']:.2f}%)"
                                                                         for w in WAYS) + " |")
-    (args.runs_dir / "blend_rescore.json").write_text(json.dumps({"share": args.share, "runs": results}, indent=1) + "\n")
+    record = {"share": args.share, "linear_c": args.linear_c, "runs": results}
+    (args.runs_dir / "blend_rescore.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

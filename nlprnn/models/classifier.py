@@ -27,6 +27,7 @@ from nlprnn.models.pooling import Pooling, PoolingKind
 # Bag options added after checkpoints were written without them: the bag attribute each sets, and the value such a
 # checkpoint was trained with (every occurrence counted; no n-gram dropout), so it predicts and resumes as before.
 BAG_OPTIONS_BEFORE = {"ngram_distinct": ("distinct", False), "ngram_dropout": ("dropout", 0.0)}
+LINEAR_C_BEFORE = 4.0  # the C a linear blend was fitted at before model.linear_c existed: the baseline's
 
 
 def head_and_tail(input_ids: torch.Tensor, lengths: torch.Tensor, length: int, tail: int
@@ -284,6 +285,8 @@ class TextClassifier(L.LightningModule):
             if self.ngrams is not None and option not in saved:
                 setattr(self.ngrams, attribute, value)
                 self.hparams[option] = value
+        if self.linear is not None and "linear_c" not in saved:
+            self.linear.c = self.hparams["linear_c"] = LINEAR_C_BEFORE
         state = checkpoint.get("state_dict", {})
         if self.ngrams is not None and state and "ngrams.pair_multiplier" not in state:
             state["ngrams.pair_multiplier"] = torch.tensor(LEGACY_PAIR_MULTIPLIER)  # hashed before it was saved

@@ -152,12 +152,15 @@ def test_a_checkpoint_keeps_its_fitted_linear_model_and_one_from_before_loads_wi
     model, (ids, lengths) = blended_model(0.5)
     hparams = {"vocab_size": VOCAB, "num_classes": 3, "embedding_dim": 4, "ngram_buckets": 101,
                "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    for name, saved in (("now", {**hparams, "linear_blend": 0.5}), ("old", hparams)):
-        state = {k: v for k, v in model.state_dict().items() if name == "now" or not k.startswith("linear.")}
+    for name, saved in (("now", {**hparams, "linear_blend": 0.5, "linear_c": C}), ("old", hparams),
+                        ("before_c", {**hparams, "linear_blend": 0.5})):
+        state = {k: v for k, v in model.state_dict().items() if name != "old" or not k.startswith("linear.")}
         torch.save({"state_dict": state, "hyper_parameters": saved,
                     "pytorch-lightning_version": lightning.__version__}, tmp_path / f"{name}.ckpt")
     now, old = load_checkpoint(tmp_path / "now.ckpt").eval(), load_checkpoint(tmp_path / "old.ckpt").eval()
     assert old.linear is None
+    before_c = load_checkpoint(tmp_path / "before_c.ckpt")
+    assert before_c.linear.c == before_c.hparams.linear_c == 4.0  # what it was fitted at, not today's default
     with torch.no_grad():
         torch.testing.assert_close(now(ids, lengths), model(ids, lengths), rtol=0, atol=0)
         torch.testing.assert_close(old(ids, lengths), model.outputs(ids, lengths)[0], rtol=0, atol=0)
