@@ -40,7 +40,8 @@ def rescore(run_dir: Path, share: float, linear_c: float) -> dict[str, int]:
     module.prepare()
     module.setup()
     model = TextClassifier.load_from_checkpoint(run_dir / "best.ckpt", map_location="cpu", linear_blend=share,
-                                                linear_c=linear_c, strict=False).eval()  # strict: the linear model is not in it
+                                                strict=False).eval()  # strict: the linear model is not in it
+    model.linear.c = linear_c  # set after loading, which reads a checkpoint from before linear_c as fitted at 4
     model.linear.fit(*module.training_tokens)
     right = dict.fromkeys(WAYS, 0) | {"held_out": 0}
     with torch.inference_mode():

@@ -4,9 +4,10 @@ A recurrent network and a linear model over words and word pairs err on differen
 probabilities got more held-out examples right than the network alone on every built-in dataset, in 5-fold
 cross-validation over three seeds (docs/defaults.md, "The linear blend"). The linear model is the classic one (sublinear term counts, smoothed idf, rows scaled
 to unit length, L2-regularised logistic regression), fitted to convergence by scikit-learn on the training split
-before the network trains, and then frozen. Its regularisation is its own (`c`): the blend wants a linear model
-far less regularised than the baseline's (docs/defaults.md). It reads the model's own token ids and the n-gram bag's hashed word
-pairs (nlprnn.models.ngrams), so it exports to ONNX inside the same graph and predicts without scikit-learn.
+before the network trains, and then frozen. Its L2 penalty is its own (`c`): the blend wants a linear model far
+less regularised than the baseline (docs/defaults.md). It reads the model's own token ids and the n-gram bag's
+hashed word pairs (nlprnn.models.ngrams), so it exports to ONNX inside the same graph and predicts without
+scikit-learn.
 """
 
 from __future__ import annotations
