@@ -2,7 +2,9 @@
 
     .venv/bin/python scripts/benchmark.py --out docs/
 
-writes docs/benchmarks.json, docs/benchmarks.md and docs/benchmarks.png. What it measures:
+writes docs/benchmarks.json, docs/benchmarks.md and docs/benchmarks.png; sections of an existing benchmarks.md
+that it does not write (the write-ups of scripts/bench_quantized.py and scripts/bench_stream.py) are kept after
+its own. What it measures:
 
 1. Training throughput, in real (non-padding) tokens per second through forward, backward and optimizer
    step, of the nlprnn pipeline (TextDataModule + TextClassifier + Trainer, built from the same config as
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -762,7 +765,16 @@ def write_markdown(results: dict, path: Path, plot_name: str) -> None:
         mem = results["memory"]
         lines += ["", "## Memory", "", f"Peak RSS of `{mem['command']}`: **{mem['peak_rss_mb']:,.0f} MB** "
                   f"(its largest process; {mem['wall_s']:.0f} s, test accuracy {fmt(mem['test_acc'], '.3f')})."]
-    path.write_text("\n".join(lines) + "\n")
+    kept = written_elsewhere(path, {line for line in lines if line.startswith("## ")})
+    path.write_text("\n".join(lines) + "\n" + "".join(f"\n{section}" for section in kept))
+
+
+def written_elsewhere(path: Path, generated: set[str]) -> list[str]:
+    """The sections of an existing report that this script does not write (other benchmarks' write-ups), kept as they are."""
+    if not path.is_file():
+        return []
+    sections = re.split(r"^(?=## )", path.read_text(), flags=re.MULTILINE)[1:]
+    return [section.rstrip("\n") + "\n" for section in sections if section.splitlines()[0] not in generated]
 
 
 def relative(arg: str) -> str:

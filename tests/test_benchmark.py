@@ -33,6 +33,8 @@ def finite_positive(value) -> bool:
 def test_one_run_measures_everything_and_writes_json_markdown_and_plot(tmp_path):
     train_file = write_csv(tmp_path / "tiny.csv", make_examples(200))
     out = tmp_path / "out"
+    out.mkdir()  # a report from before, with a section the script writes and one written by hand
+    (out / "benchmarks.md").write_text("# Benchmarks\n\n## Memory\n\nstale figure\n\n## int8 bundles\n\nwritten by hand\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--warmup-steps", "1", "--steps", "2", "--repeats", "1",
@@ -76,6 +78,7 @@ def test_one_run_measures_everything_and_writes_json_markdown_and_plot(tmp_path)
 
     markdown = (out / "benchmarks.md").read_text()
     assert "tiny smoke run" in markdown
+    assert "stale figure" not in markdown and markdown.endswith("\n## int8 bundles\n\nwritten by hand\n")
     for heading in ("## Machine", "## Targets", "## Training throughput", "## Tokenization", "## Inference", "## Memory"):
         assert heading in markdown
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
