@@ -37,7 +37,7 @@ from nlprnn.calibration import temperature_of
 from nlprnn.data.datamodule import CHECKPOINT_FORMAT, TextDataModule
 from nlprnn.data.tokenizer import PAD, UNK, load_tokenizer, tokenizer_from_json
 from nlprnn.deploy.bundle import (
-    INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
+    BUNDLE_FILES, INPUT_NAMES, LABELS_FILE, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Manifest, read_bundle,
 )
 from nlprnn.errors import ReportedError, UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
@@ -321,8 +321,15 @@ def _check_matches(model: TextClassifier, tokenizer: Tokenizer, labels: object, 
 def _check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; choose a folder for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    # --overwrite replaces the whole folder: only ever a bundle, never a run folder or a folder of runs
+    others = sorted(path.name for path in out.iterdir() if path.name not in BUNDLE_FILES)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"{out} is not a bundle folder (it holds {shown}); --overwrite replaces only a bundle")
 
 
 def _read_json(path: Path) -> object:

@@ -228,6 +228,16 @@ def test_export_cli(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no scratch or old copy left
 
 
+def test_overwrite_replaces_only_a_bundle_folder(run_dir, tmp_path, capsys):
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(SystemExit) as exit_info:  # the run folder itself: replacing it would delete the run
+        export.main([str(run_dir), "--out", str(run_dir), "--overwrite"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("; --overwrite replaces only a bundle") and "best.ckpt" in error
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
 def test_export_cli_fails_loudly_when_the_check_fails(run_dir, tmp_path, capsys, monkeypatch):
     exporting_a_different_model(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
