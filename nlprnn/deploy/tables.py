@@ -87,7 +87,7 @@ class InputFiles:
             elif self.format in ("csv", "tsv"):
                 yield from _csv_batches(file, self.format, self.text_column, on_malformed)
             elif self.format == "jsonl":
-                yield from _jsonl_batches(file, on_malformed)
+                yield from _jsonl_batches(file, self.text_column, on_malformed)
             else:
                 yield from _line_batches(file)
 
@@ -164,10 +164,12 @@ def decode_texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], 
 
 
 def _holds_text(kind: pa.DataType) -> bool:
-    """Strings, bytes to decode, or nothing at all (a column of nulls)."""
+    """Strings, bytes to decode, either dictionary-encoded (pandas' categoricals), or nothing at all (nulls)."""
     types = pa.types
-    return any(is_(kind) for is_ in (types.is_string, types.is_large_string, types.is_binary, types.is_large_binary,
-                                     types.is_null))
+    if types.is_dictionary(kind):
+        return _holds_text(kind.value_type)
+    return any(is_(kind) for is_ in (types.is_string, types.is_large_string, types.is_string_view, types.is_binary,
+                                     types.is_large_binary, types.is_binary_view, types.is_null))
 
 
 def score_table(
@@ -298,8 +300,8 @@ def _csv_batches(
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
 
 
-def _jsonl_batches(file: Path, on_malformed: Callable[[str], None] | None) -> Iterator[pa.RecordBatch]:
-    """JSON objects, one per line, parsed here so that one bad line costs only itself."""
+def _jsonl_batches(file: Path, text_column: str, on_malformed: Callable[[str], None] | None) -> Iterator[pa.RecordBatch]:
+    """JSON objects, one per line, parsed here so that one bad line costs only itself (as does a text that is not a string)."""
     schema: pa.Schema | None = None
     records: list[dict] = []
     for number, line in enumerate(_binary_lines(file), start=1):
@@ -314,9 +316,12 @@ def _jsonl_batches(file: Path, on_malformed: Callable[[str], None] | None) -> It
             record = json.loads(text)
         except ValueError:
             record = None
-        if not isinstance(record, dict):
+        problem = ("is not a JSON object" if not isinstance(record, dict)
+                   else None if isinstance(record.get(text_column), (str, type(None)))
+                   else f"has a {type(record[text_column]).__name__} for its text, not a string")
+        if problem is not None:
             if on_malformed is not None:
-                on_malformed(f"line {number} of {file} is not a JSON object")
+                on_malformed(f"line {number} of {file} {problem}")
             continue
         record[UNDECODABLE] = not clean
         records.append(record)

@@ -157,14 +157,14 @@ def test_bad_rows_are_counted_not_fatal(bundle, tmp_path, capsys):
 
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_bytes(b'{"id": 1, "text": "good movie"}\n{"id": 2, "text": "bad \xff bytes"}\n{"id": 3, "text": null}\n'
-                      b'{"id": 4}\nnot json\n\n{"id": 6, "text": "awful plot"}\n')
+                      b'{"id": 4}\nnot json\n\n{"id": 6, "text": "awful plot"}\n{"id": 7, "text": 5}\n')
     score(bundle, jsonl, tmp_path / "jsonl-out")
     table = read_output(tmp_path / "jsonl-out")
     assert table.column("id").to_pylist() == [1, 2, 3, 4, 6]
     assert table.column("predicted_label").null_count == 2  # a null text and a missing one
     counts = summary(tmp_path / "jsonl-out")
     assert (counts["rows"], counts["scored"], counts["empty"], counts["undecodable"], counts["malformed_skipped"]) \
-        == (5, 3, 2, 1, 1)
+        == (5, 3, 2, 1, 2)  # "not json", and a text that is a number
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -330,11 +330,24 @@ def test_workers_need_an_output_folder(bundle):
     assert proc.returncode == 2 and "--workers needs --output" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("kind", ["dictionary", "string_view"])
+def test_parquet_text_columns_of_other_string_types_are_text(bundle, tmp_path, kind):
+    texts = pa.array(["good movie", None, "awful plot", "good movie"])
+    column = texts.dictionary_encode() if kind == "dictionary" else texts.cast(pa.string_view())  # pandas categoricals
+    pq.write_table(pa.table({"text": column}), tmp_path / "in.parquet")
+    score(bundle, tmp_path / "in.parquet", tmp_path / "out")
+    table = read_output(tmp_path / "out")
+    assert table.column("text").to_pylist() == texts.to_pylist()
+    labels = table.column("predicted_label").to_pylist()
+    assert labels[1] is None and labels[0] == labels[3] is not None and labels[2] is not None
+
+
 def test_a_text_column_that_is_not_text_is_one_line_and_a_failed_job_leaves_no_folder(bundle, tmp_path):
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
     proc = run_cli(str(bundle), "--input", str(tmp_path / "numbers.parquet"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and "column 'text' of" in proc.stderr and "holds int64, not text" in proc.stderr
-    (tmp_path / "in.jsonl").write_text('{"text": 5}\n')  # found only while scoring: the new folder goes again
+    # found only while scoring: the new folder goes again
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good"}\n{"id": [1], "text": "bad"}\n')
     proc = run_cli(str(bundle), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not text" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "changes type" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
