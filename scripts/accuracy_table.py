@@ -41,7 +41,8 @@ TEST_USE = (
     "Each run selects its checkpoint on the validation split (the epoch with the best validation accuracy; among "
     "epochs tied on it, the lowest validation loss; with a linear blend, the network's own figures); "
     "the test split is read once per run, at the end, by that checkpoint, and by the baseline. "
-    "Seeds change the initialisation, dropout and batch order, not the data split."
+    "Seeds change the initialisation and dropout; the data split and the batch order (which follows "
+    "`data.split_seed` and the epoch) are the same for every seed."
 )
 
 

@@ -11,7 +11,7 @@ is held out once per seed: `python -m nlprnn.fit --data.train_file REST --data.t
 default recipe on the other folds (carving its validation split from them, as it does for any training file)
 and scores the held-out fold, and the baseline, trained on the same training examples, scores it too. Every
 pooled example is thus scored once by each, per seed: nine times the examples of a 10% test split. Seeds change
-the model's initialisation, dropout and batch order, not the folds.
+the model's initialisation and dropout, not the folds (nor the batch order, which `data.split_seed` sets).
 
 A local file (--train_files, with --text_column and --label_column) is read as `fit --data.train_file FILE`
 reads it, and the test split fit would carve from it is left out the same way; its folds and runs are named by
