@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from nlprnn.atomic import publishing
 from nlprnn.cache import cache_dir
 from nlprnn.data.batching import BucketBatchSampler, Collate, ResumableLoader, TokenizedSplit
-from nlprnn.data.sources import SPLITS, SourceSpec, load_splits
+from nlprnn.data.sources import FILE_FORMATS, SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import (
     PAD, TokenizerConfig, load_tokenizer, resolve_auto, text_batches, train_tokenizer,
 )
@@ -147,9 +147,11 @@ class TextDataModule(L.LightningDataModule):
         key = {
             "format": PREPARED_FORMAT,
             "source": asdict(self.source),
-            "files": {split: _file_identity(path) for split, path in self.source.files.items()},
+            "files": {split: {**_file_identity(path), **_reading(path)} for split, path in self.source.files.items()},
             "tokenizer": asdict(resolve_auto(self.tokenizer_config)),
-            "tokenizer_file": _file_identity(self.tokenizer_config.file) if self.tokenizer_config.file else None,
+            # the file is used with its padding off (see train_tokenizer): no entry tokenized with padding is reused
+            "tokenizer_file": {**_file_identity(self.tokenizer_config.file), "padding": None}
+            if self.tokenizer_config.file else None,
             "max_length": self.max_length or MAX_LENGTH_RULE,  # a changed rule derives anew
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -298,6 +300,7 @@ def sample_lengths(train, tokenizer) -> np.ndarray:
     texts = train.select(np.sort(rows)).with_format("arrow", columns=["text"])[:]["text"].to_pylist()  # bounded
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     tokenizer.no_truncation()
+    tokenizer.no_padding()  # padding would count as text
     return np.fromiter((len(e.ids) for e in encode_batch(texts)), dtype=np.int64, count=len(texts))
 
 
@@ -341,6 +344,7 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
         })
 
     tokenizer.no_truncation()  # cut here instead, so the cut texts can be counted
+    tokenizer.no_padding()  # batches are padded when loaded, to their own longest text
     tokenized = splits.with_format("arrow").map(
         encode, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=["text"],
         features=features, desc="Tokenizing",
@@ -360,6 +364,12 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
         if counts["no_tokens"][split]:
             log.warning("dropped %d %s text(s) that yield no token", counts["no_tokens"][split], split)
     return tokenized, counts
+
+
+def _reading(path: str) -> dict:
+    """The reader options of a file format that has some (TSV), so that changing them prepares the file anew."""
+    options = FILE_FORMATS.get(Path(path).suffix.lower(), (None, {}))[1]
+    return {"reader": options} if options else {}
 
 
 def _file_identity(path: str) -> dict:

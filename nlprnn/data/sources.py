@@ -7,6 +7,8 @@ Everything stays in Arrow: no step reads a whole column into Python objects.
 
 from __future__ import annotations
 
+import csv
+import itertools
 import logging
 import math
 import os
@@ -33,7 +35,8 @@ HUB_PROBE_TIMEOUT_S = 3.0
 # file suffix -> (datasets builder, its options)
 FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t"}),
+    # TSV has no quoting: a quote is part of the text, and quoting on would merge rows at a stray quote.
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -72,6 +75,7 @@ def load_splits(spec: SourceSpec):
     else:
         splits = _load_hub(spec)
     splits = {split: drop_empty_texts(ds, split) for split, ds in splits.items()}
+    _check_two_labels(splits["train"])
     splits = _fill_missing_splits(splits, spec.split_seed)
     for split, ds in splits.items():
         if len(ds) == 0:
@@ -143,10 +147,54 @@ def _label_from_train(raw: dict) -> dict:
     return encoded
 
 
+def _check_two_labels(train) -> None:
+    """Refuse training data of one class: a one-output model would learn nothing and fail later."""
+    if len(train) == 0:
+        return  # the split checks say so
+    present = train.unique("label")
+    if len(present) < 2:
+        names = train.features["label"].names
+        raise UserError(
+            f"the training data has only one label, {names[present[0]]!r}, in all its {len(train)} example(s); "
+            "a classifier needs examples of at least 2 labels"
+        )
+
+
+def _held_out_size(n: int, fraction: float) -> int:
+    """How many of `n` examples `_split_off` holds out (at least one always stays)."""
+    return min(math.ceil(fraction * n), n - 1) if n else 0
+
+
+def _split_sizes(n: int, missing: list[str]) -> dict[str, int]:
+    """How many of `n` training examples each split gets when `missing` are carved out of them."""
+    if len(missing) == 2:
+        held = _held_out_size(n, 2 * HELD_OUT_FRACTION)
+        test = _held_out_size(held, 0.5)
+        return {"train": n - held, "validation": held - test, "test": test}
+    held = _held_out_size(n, HELD_OUT_FRACTION)
+    return {"train": n - held, missing[0]: held}
+
+
+def _check_splittable(n: int, missing: list[str]) -> None:
+    """Refuse, with what each split would get, training data too small to carve the missing splits from."""
+    sizes = _split_sizes(n, missing)
+    if min(sizes.values()) > 0:
+        return
+    enough = next(m for m in itertools.count(n + 1) if min(_split_sizes(m, missing).values()) > 0)
+    would = ", ".join(f"{split} {size}" for split, size in sizes.items())
+    files = " and ".join(f"--data.{split}_file" for split in missing)
+    raise UserError(
+        f"only {n} training example(s): too few to split off {' and '.join(missing)} data "
+        f"(the splits would get {would}); give at least {enough} examples, or give {files}"
+    )
+
+
 def _fill_missing_splits(splits: dict, seed: int) -> dict:
     """Carve validation and test out of train when they are not given: 80/10/10, stratified, seeded."""
     train = splits["train"]
     missing = [s for s in ("validation", "test") if s not in splits]
+    if missing:
+        _check_splittable(len(train), missing)
     if len(missing) == 2:
         train, held = _split_off(train, 2 * HELD_OUT_FRACTION, seed)
         validation, test = _split_off(held, 0.5, seed)
@@ -162,12 +210,10 @@ def _split_off(ds, fraction: float, seed: int):
     Each class gives its share of the `ceil(fraction * n)` held-out examples (largest remainders
     round up), so class balance is kept even for rare classes.
     """
-    if len(ds) < 2:
-        raise UserError(f"only {len(ds)} training example(s): too few to split off validation and test data")
     labels = ds.with_format("arrow", columns=["label"])[:]["label"].to_numpy()  # (N,)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    wanted = counts * min(math.ceil(fraction * len(ds)), len(ds) - 1) / len(ds)
+    wanted = counts * _held_out_size(len(ds), fraction) / len(ds)
     take = np.floor(wanted).astype(int)
     shortfall = int(round(wanted.sum())) - int(take.sum())
     take[np.argsort(take - wanted, kind="stable")[:shortfall]] += 1  # largest remainders first

@@ -90,7 +90,9 @@ def _untrained(config: TokenizerConfig) -> tuple[Tokenizer, trainers.Trainer]:
 def train_tokenizer(texts: Iterable[str | list[str]], config: TokenizerConfig) -> Tokenizer:
     """A tokenizer trained on `texts` (strings or lists of them), or the one in `config.file`."""
     if config.file:
-        return load_tokenizer(Path(config.file))
+        tokenizer = load_tokenizer(Path(config.file))
+        tokenizer.no_padding()  # nlprnn pads each batch itself; saved padding would count [PAD] as text
+        return tokenizer
     if config.vector_words and config.kind != "wordlevel":
         raise UserError("tokenizer.vector_words adds whole words: use it with tokenizer.kind wordlevel")
     tokenizer, trainer = _untrained(config)

@@ -135,3 +135,38 @@ def test_unknown_dataset_name_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = bad(tmp_path, dataset="no-such-dataset")
     assert "'no-such-dataset' is not built in" in message and "movie-snippets" in message
+
+
+def test_training_data_with_one_label_is_refused(tmp_path):
+    path = write_csv(tmp_path / "pos.csv", [{"text": f"fine film {i}", "label": "pos"} for i in range(30)])
+    message = bad(tmp_path, train_file=str(path))
+    assert "only one label, 'pos'" in message and "30 example(s)" in message and "at least 2" in message
+
+
+def test_one_label_in_train_is_refused_when_test_data_is_given(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [{"text": f"fine film {i}", "label": "pos"} for i in range(30)])
+    test = write_csv(tmp_path / "test.csv", [{"text": "nice", "label": "pos"}])
+    assert "only one label, 'pos'" in bad(tmp_path, train_file=str(train), test_file=str(test))
+
+
+@pytest.mark.parametrize("quoted", [
+    ['"Great film', 'he said "ok" twice', 'ends with a quote"', '"quoted whole"'],  # rows merged between quotes
+    ['"an unclosed quote, the only one'],  # the rest of the file merged into one text
+], ids=["merged-rows", "unclosed"])
+def test_tsv_quotes_are_text_not_quoting(tmp_path, quoted):
+    texts = quoted + [f"plain text number {i}" for i in range(83 - len(quoted))]
+    rows = [(text, "pos" if i % 2 == 0 else "neg") for i, text in enumerate(texts)]
+    path = tmp_path / "quotes.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8")
+    splits = load_splits(SourceSpec(train_file=str(path)))
+    names = splits["train"].features["label"].names
+    read = sorted((t, names[y]) for s in splits.values() for t, y in zip(s["text"], s["label"]))
+    assert read == sorted(rows)  # all 83 rows, each quote kept verbatim
+
+
+def test_too_few_rows_to_split_names_the_real_counts(tmp_path):
+    path = write_csv(tmp_path / "five.csv", make_examples(5))
+    message = bad(tmp_path, train_file=str(path))
+    assert "only 5 training example(s)" in message
+    assert "train 4, validation 1, test 0" in message
+    assert "at least 6" in message

@@ -109,3 +109,16 @@ def test_zero_digits_makes_numbers_of_one_shape_one_token_sequence(kind):
     kept = train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=200))
     assert zeroed.encode("call 0711 987 654").ids == zeroed.encode("call 0800 123 456").ids
     assert kept.encode("call 0711 987 654").ids != kept.encode("call 0800 123 456").ids
+
+
+def test_a_tokenizer_file_saved_with_padding_pads_nothing(tmp_path, tiny_csv):
+    own = train_tokenizer(["alpha beta gamma delta"] * 3, TokenizerConfig(vocab_size=50))
+    own.enable_padding(length=32, pad_id=own.token_to_id(PAD), pad_token=PAD)
+    own.save(str(tmp_path / "tokenizer.json"))
+    data = TextDataModule(train_file=str(tiny_csv), tokenizer=TokenizerConfig(file=str(tmp_path / "tokenizer.json")))
+    data.prepare()
+    lengths = [n for s in data.splits.values() for n in s["length"]]
+    assert 4 <= min(lengths) and max(lengths) <= 10  # one token per word: texts hold 4 to 10 words, none padded
+    assert not any(data.pad_id in ids for s in data.splits.values() for ids in s["input_ids"])
+    assert json.loads(data.tokenizer_file.read_text())["padding"] is None  # what is saved pads nothing either
+    assert data.tokenizer().encode("alpha beta").ids == own.encode("alpha beta").ids[:2]
