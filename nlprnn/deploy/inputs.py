@@ -76,7 +76,8 @@ def _lines(f: io.TextIOBase) -> Iterator[str]:
 def _csv_texts(file: Path, delimiter: str, column: str) -> Iterator[str]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with _open(file) as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+        # TSV has no quoting, as fit reads it: a quote is part of the text
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         try:
             if reader.fieldnames is None:
                 return  # an empty file holds no texts

@@ -246,15 +246,17 @@ def columns_of(file: str | Path, fmt: str, filesystem: pa_fs.FileSystem | None =
 
 
 def csv_parse_options(fmt: str, on_malformed: Callable[[pa_csv.InvalidRow], None] | None = None) -> pa_csv.ParseOptions:
-    """CSV or TSV with quoted newlines allowed; a row with the wrong number of fields is skipped (and reported)."""
+    """CSV with quoted newlines allowed, or TSV without quoting (as fit reads it: a quote is part of the text); a row
+    with the wrong number of fields is skipped (and reported)."""
 
     def skip(row: pa_csv.InvalidRow) -> str:
         if on_malformed is not None:
             on_malformed(row)
         return "skip"
 
-    return pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True,
-                               invalid_row_handler=skip)
+    if fmt == "tsv":
+        return pa_csv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=skip)
+    return pa_csv.ParseOptions(delimiter=",", newlines_in_values=True, invalid_row_handler=skip)
 
 
 def output_format_of(output: str | Path, output_format: str | None = None) -> str:

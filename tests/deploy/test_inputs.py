@@ -29,6 +29,8 @@ def test_csv_and_tsv_read_the_text_column(tmp_path):
     tsv_file = tmp_path / "in.TSV"
     tsv_file.write_text("text\tlabel\nhello there\tx\n")
     assert list(read_texts(str(tsv_file))) == ["hello there"]
+    tsv_file.write_text('text\tlabel\n"Great film\tpos\nhe said "ok" twice\tneg\n')  # TSV quotes are text
+    assert list(read_texts(str(tsv_file))) == ['"Great film', 'he said "ok" twice']
 
 
 def test_csv_reads_documents_longer_than_the_csv_module_default(tmp_path):

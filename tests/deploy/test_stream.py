@@ -95,8 +95,8 @@ def write_input(folder: Path, fmt: str, rows: list[tuple[str, str]]) -> Path:
     table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]})
     if fmt == "csv":
         return write_csv(folder / "in.csv", rows)
-    if fmt == "tsv":
-        pa_csv.write_csv(table, folder / "in.tsv", pa_csv.WriteOptions(delimiter="\t"))
+    if fmt == "tsv":  # no quoting: texts hold no tabs or newlines
+        (folder / "in.tsv").write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in rows))
         return folder / "in.tsv"
     if fmt == "jsonl":
         (folder / "in.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
@@ -328,6 +328,12 @@ def test_json_lines_may_widen_a_column_between_batches(bundle, tmp_path, monkeyp
 def test_workers_need_an_output_folder(bundle):
     proc = run_cli(str(bundle), "good movie", "--workers", "2")
     assert proc.returncode == 2 and "--workers needs --output" in proc.stderr, proc.stderr
+
+
+def test_tsv_quotes_are_text(bundle, tmp_path):
+    (tmp_path / "in.tsv").write_text('id\ttext\n1\t"Great film\n2\the said "ok" twice\n')
+    score(bundle, tmp_path / "in.tsv", tmp_path / "out")
+    assert read_output(tmp_path / "out").column("text").to_pylist() == ['"Great film', 'he said "ok" twice']
 
 
 @pytest.mark.parametrize("kind", ["dictionary", "string_view"])
