@@ -9,9 +9,11 @@ every rare word of the training data, and those lean towards some labels), so a 
 "this word versus a rare word" rather than "this word versus nothing". A text left with no token is read as one
 [UNK], as the Predictor reads an empty text.
 
-The text and all its variants go to the model in one call. Words past the bundle's max_length were never read,
-so they contribute 0; a variant is the tokens that were read less the word's, so no unread word slides into the
-window in its place and each contribution is about that word alone. Runs on onnxruntime, tokenizers and numpy, like the Predictor.
+The text and all its variants go to the model in one call. Only the words the model reads are explained: words
+past the bundle's max_length are left out of the result (a word cut by it is kept, with its whole span), so the
+work and the size of an explanation are bounded by max_length however long the text. A variant is the tokens that
+were read less the word's, so no unread word slides into the window in its place and each contribution is about
+that word alone. Runs on onnxruntime, tokenizers and numpy, like the Predictor.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class WordContribution:
 
 @dataclass(frozen=True)
 class Explanation:
-    """A text's predicted label, the probability of every label, and each word's contribution in text order."""
+    """A text's predicted label, the probability of every label, and the contribution of each word read, in order."""
 
     label: str
     probabilities: dict[str, float]
@@ -63,7 +65,7 @@ class Explanation:
 class _Word:
     start: int
     end: int
-    positions: list[int]  # indices of its tokens among the tokens the model reads; empty past max_length
+    positions: list[int]  # indices of its tokens among the tokens the model reads
 
 
 def explain(predictor: Predictor, texts: Sequence[str]) -> list[Explanation]:
@@ -77,42 +79,47 @@ def _explain_one(predictor: Predictor, text: str) -> Explanation:
     encoding = predictor.tokenizer.encode(text)  # truncated to max_length; the rest is in .overflowing
     ids = list(encoding.ids)
     words = _words(encoding)
-    read = [w for w in words if w.positions]
     rows = [ids or [predictor.unk_id]]
-    for word in read:
+    for word in words:
         drop = set(word.positions)
         rows.append([t for i, t in enumerate(ids) if i not in drop] or [predictor.unk_id])
     _, probabilities = predictor.run(*predictor.pad(rows))  # (1 + words read, classes)
     full = probabilities[0]
     k = int(full.argmax())
-    drops = iter(float(full[k]) - probabilities[1:, k].astype(np.float64))
+    drops = float(full[k]) - probabilities[1:, k].astype(np.float64)
     return Explanation(
         label=predictor.labels[k],
         probabilities={label: float(p) for label, p in zip(predictor.labels, full)},
-        words=[
-            WordContribution(text[w.start : w.end], w.start, w.end, float(next(drops)) if w.positions else 0.0)
-            for w in words
-        ],
+        words=[WordContribution(text[w.start : w.end], w.start, w.end, float(d)) for w, d in zip(words, drops)],
     )
 
 
 def _words(encoding: Encoding) -> list[_Word]:
-    """The words of the text in order, with the positions of the tokens of each that the model reads.
+    """The words the model reads, in order, with the positions of their tokens among those it reads.
 
     A word's span runs from its first token's start to its last token's end, in characters of the original text.
+    Words past max_length are left out, so that the result grows with max_length, not with the text.
     """
     spans: dict[int, list[int]] = {}  # word id -> [start, end]
     positions: dict[int, list[int]] = {}
-    parts = [encoding, *encoding.overflowing]  # overflowing: the tokens past max_length, same word ids
-    for part_index, part in enumerate(parts):
-        for position, (word_id, (start, end)) in enumerate(zip(part.word_ids, part.offsets)):
-            if word_id is None:  # a special token added by a post-processor; no word of the text
-                continue
-            span = spans.setdefault(word_id, [start, end])
-            span[0], span[1] = min(span[0], start), max(span[1], end)
-            positions.setdefault(word_id, [])
-            if part_index == 0:
-                positions[word_id].append(position)
+    for position, (word_id, (start, end)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+        if word_id is None:  # a special token added by a post-processor; no word of the text
+            continue
+        span = spans.setdefault(word_id, [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+        positions.setdefault(word_id, []).append(position)
+    # A word cut by max_length goes on at the start of the tokens past it (overflowing, same word ids): its span
+    # takes them in. The first token of a word not read ends the walk, so it stays short however long the text.
+    past = (
+        (word_id, end)
+        for part in encoding.overflowing
+        for word_id, (_, end) in zip(part.word_ids, part.offsets)
+        if word_id is not None
+    )
+    for word_id, end in past:
+        if word_id not in spans:
+            break
+        spans[word_id][1] = max(spans[word_id][1], end)
     return [_Word(spans[i][0], spans[i][1], positions[i]) for i in sorted(spans, key=lambda i: spans[i][0])]
 
 
@@ -120,11 +127,6 @@ def _as_text(text: object) -> str:
     if not isinstance(text, str):
         raise TypeError(f"texts must be strings, not {type(text).__name__}")
     return text
-
-
-def to_html(texts: Sequence[str], explanations: Sequence[Explanation]) -> str:
-    """A standalone HTML document: each text with its words shaded green (for the label) or red (against it)."""
-    return html_head() + "".join(html_section(t, e) for t, e in zip(texts, explanations)) + html_tail()
 
 
 def html_head() -> str:

@@ -3,10 +3,11 @@
     POST /v1/classify  {"texts": ["...", ...]}  ->  {"results": [{"label": ..., "probabilities": {...}}, ...]}
     POST /v1/explain   the same, each result with "explanation": [{"word", "start", "end", "contribution"}, ...]
     GET  /             a page to try the model in a browser
-    GET  /healthz, /readyz, /metrics (Prometheus), /docs and /openapi.json
+    GET  /healthz, /readyz, /metrics (Prometheus) and /openapi.json
 
 Concurrent requests are batched dynamically (see `nlprnn.serve.batcher`). On SIGTERM or Ctrl-C the
-server stops accepting connections, answers every request it has read, and exits 0.
+server stops accepting connections, answers every request it has read, and exits 0. A model that fails
+its warm-up batch stops the server at once, with one line saying why and exit status 1.
 """
 
 from __future__ import annotations
@@ -79,7 +80,14 @@ def main(args: list[str] | None = None) -> None:
                   f"max_wait_ms {settings.max_wait_ms:g})",
                   file=sys.stderr, flush=True)
 
-        app = create_app(predictor, settings, on_ready=announce)
+        warm_up_failed = False
+
+        def stop_unready() -> None:  # the app has logged why; a server that can never be ready should not linger
+            nonlocal warm_up_failed
+            warm_up_failed = True
+            server.should_exit = True
+
+        app = create_app(predictor, settings, on_ready=announce, on_failure=stop_unready)
         server = uvicorn.Server(uvicorn.Config(
             app, host=options.host, port=options.port, log_level="warning", access_log=options.access_log,
             timeout_keep_alive=30,
@@ -92,6 +100,8 @@ def main(args: list[str] | None = None) -> None:
         quiet_garbage_collector()
         prompt_thread_switches()
         server.run()  # a port that is taken ends it here: uvicorn logs why and exits 1
+        if warm_up_failed:
+            raise SystemExit(1)
         answered = app.state.metrics.registry.get_sample_value(
             "nlprnn_requests_total", {"endpoint": CLASSIFY, "status": "200"}) or 0
         texts = app.state.metrics.registry.get_sample_value("nlprnn_texts_classified_total") or 0

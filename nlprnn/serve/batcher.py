@@ -188,7 +188,7 @@ class Batcher(Generic[Result]):
         batch: list[_Piece] = []
         size = 0
         leave_at = self._queue[0].enqueued + self.max_wait_s
-        while True:
+        while size < self.max_batch_size:  # a full batch leaves at once, without waiting out max_wait_s
             if self._queue:
                 if size + len(self._queue[0].texts) > self.max_batch_size:
                     break

@@ -1,12 +1,15 @@
-"""ASGI middleware around the app: a body-size limit and request metrics."""
+"""ASGI middleware around the app: a body-size limit, unexpected errors answered as 500, and request metrics."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from nlprnn.serve.metrics import ServerMetrics
-from nlprnn.serve.schema import error_response
+from nlprnn.serve.schema import error_response, shorten
+
+LOGGED_CHARS = 300  # most characters of an exception's repr in a log line
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
@@ -74,3 +77,38 @@ class RequestMetrics:
             await send(message)
 
         await self.app(scope, receive, send_and_count)
+
+
+def describe(err: BaseException) -> str:
+    """An exception on one line of bounded length: repr escapes the line breaks of its message."""
+    return shorten(repr(err), LOGGED_CHARS)
+
+
+class InternalErrors:
+    """Answers an unexpected exception with a one-line JSON 500 and logs it as one line.
+
+    Starlette's own handler for `Exception` sits outside every middleware, so RequestMetrics never saw
+    those answers, and it raises the exception again, which uvicorn logs as a whole traceback.
+    """
+
+    def __init__(self, app: ASGIApp, log: logging.Logger) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as err:
+            self.log.error("unexpected error on %s %s: %s", scope["method"], scope["path"], describe(err))
+            self.log.debug("its traceback", exc_info=True)
+            if not started:  # once an answer has begun, the server closes the connection instead
+                await error_response(500, f"internal error: {type(err).__name__}")(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -10,6 +11,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
 
 RETRY_AFTER_S = "1"
+SHOWN_CHARS = 80  # most characters of a client's key or of a parser's message quoted in an error
 
 
 class ClassifyRequest(BaseModel):
@@ -54,12 +56,20 @@ class ApiError(Exception):
         self.retry = retry
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(json.dumps(content, ensure_ascii=False), status, headers, media_type="application/json")
 
 
-def error_response(status: int, message: str, retry: bool = False) -> Response:
-    return json_response({"error": message}, status, {"Retry-After": RETRY_AFTER_S} if retry else None)
+def error_response(
+    status: int, message: str, retry: bool = False, headers: Mapping[str, str] | None = None
+) -> Response:
+    headers = {**(headers or {}), **({"Retry-After": RETRY_AFTER_S} if retry else {})}
+    return json_response({"error": message}, status, headers)
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text`, cut to `limit` characters with an ellipsis when longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_texts(body: bytes) -> list[str]:
@@ -72,16 +82,19 @@ def parse_texts(body: bytes) -> list[str]:
     except ValidationError as err:
         first = err.errors()[0]
         if first["type"] == "json_invalid":
-            raise ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})") from None
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ApiError(422, f'{where}: {first["msg"]}; send {{"texts": ["...", ...]}}') from None
+            why = shorten(str(first.get("ctx", {}).get("error", first["msg"])))
+            raise ApiError(400, f"the body is not valid JSON ({why})") from None
+        # Pieces are shortened: an unknown key is the client's own, and may be a megabyte long.
+        where = ".".join(shorten(str(part)) for part in first["loc"]) or "body"
+        raise ApiError(422, f'{where}: {shorten(first["msg"])}; send {{"texts": ["...", ...]}}') from None
 
 
 ERRORS = {
     400: "The body is not valid JSON.",
     413: "The body, the number of texts or a text's length is over its limit.",
     422: 'The body is not {"texts": [string, ...]}.',
-    503: "The queue is full, or the server is warming up or shutting down; retry after Retry-After seconds.",
+    503: "The queue is full, or the server is warming up or shutting down: retry after Retry-After seconds. "
+         "Without Retry-After: the model failed its warm-up, and retrying will not help.",
     504: "The request was not answered within the server's timeout; its texts left the queue.",
 }
 

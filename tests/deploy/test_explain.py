@@ -66,11 +66,10 @@ def test_a_lone_word_is_compared_with_an_empty_text_and_an_empty_text_has_no_wor
     assert lone.words[0].contribution == pytest.approx(full - probability(predictor, "", lone.label), abs=1e-5)
 
 
-def test_words_past_max_length_contribute_nothing(short_predictor):
+def test_words_past_max_length_are_left_out(short_predictor):
     text = "good bad awful great fine dull"
     (explanation,) = short_predictor.explain([text])
-    assert [w.word for w in explanation.words] == text.split()
-    assert [w.contribution for w in explanation.words[4:]] == [0.0, 0.0]
+    assert [w.word for w in explanation.words] == text.split()[:4]
     full = probability(short_predictor, text, explanation.label)
     # The variant is what was read less the word: no unread word slides into the window in its place.
     cut = probability(short_predictor, "bad awful great", explanation.label)
@@ -90,6 +89,20 @@ def test_a_256_token_text_is_explained_in_one_model_call(predictor, monkeypatch)
     (explanation,) = predictor.explain([" ".join(words)])
     assert calls == [257]  # the text and one variant per word
     assert len(explanation.words) == 256
+
+
+def test_a_long_text_costs_one_call_of_at_most_max_length_variants(short_predictor, monkeypatch):
+    calls: list[int] = []
+    run = short_predictor.session.run
+
+    def counting_run(outputs, feeds):
+        calls.append(feeds["input_ids"].shape[0])
+        return run(outputs, feeds)
+
+    monkeypatch.setattr(short_predictor.session, "run", counting_run)
+    (explanation,) = short_predictor.explain([" ".join(WORDS * 500)])
+    assert calls == [5]  # the text and one variant per word read, however long the text
+    assert [w.word for w in explanation.words] == WORDS[:4]
 
 
 def test_to_json():

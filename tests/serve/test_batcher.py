@@ -82,6 +82,27 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert 0.15 < run(main()) < 2
 
 
+@pytest.mark.parametrize(
+    ("max_batch_size", "requests"),
+    [(1, [["alone"]]), (4, [["a", "b", "c", "d"]]), (4, [["a"], ["b"], ["c"], ["d"]])],
+    ids=["batching-off", "one-request-fills-it", "four-requests-fill-it"],
+)
+def test_a_full_batch_leaves_at_once_without_waiting_for_max_wait(max_batch_size, requests):
+    model = Model()
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=max_batch_size, max_wait_s=2, max_queue=100)
+        batcher.start()
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.classify(texts, timeout_s=5) for texts in requests))
+        waited = time.monotonic() - started
+        await batcher.close()
+        return waited
+
+    assert run(main()) < 1  # well before the 2 s a batch with room left waits
+    assert model.batches == [[text for texts in requests for text in texts]]
+
+
 def test_a_full_queue_refuses_at_once_and_takes_requests_again_once_it_drains():
     model = Model()
     model.release.clear()  # the first batch runs until released: texts behind it wait in the queue

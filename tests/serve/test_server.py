@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,28 @@ def test_bad_requests_get_a_4xx_with_a_one_line_json_error_and_the_server_stays_
     assert server.classify(["good"])[0] == 200
 
 
+def test_a_405_says_which_methods_the_path_takes(server):
+    status, headers, _ = server.request("GET", "/v1/classify")
+    assert status == 405 and headers["allow"] == "POST"
+
+
+def test_a_422_quotes_a_long_key_of_the_clients_shortened(server):
+    status, _, raw = server.request("POST", "/v1/classify", json.dumps({"texts": ["good"], "k" * 1500: 1}))
+    error = json.loads(raw)["error"]
+    assert status == 422 and len(error) < 200
+    assert error.startswith("k" * 79 + "…: Extra inputs are not permitted")
+
+
+def test_every_route_the_module_help_names_is_served(server):
+    import nlprnn.serve.__main__ as cli
+
+    paths = set(re.findall(r"(/[\w./]*)", cli.__doc__.split("\n\n")[1]))
+    assert {"/v1/classify", "/v1/explain", "/", "/healthz", "/openapi.json"} <= paths
+    for path in paths:
+        method = "POST" if path.startswith("/v1/") else "GET"
+        assert server.request(method, path, '{"texts": []}' if method == "POST" else None)[0] == 200, path
+
+
 def test_a_body_larger_than_declared_limit_is_refused_before_it_is_read(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.putrequest("POST", "/v1/classify")
@@ -258,6 +281,8 @@ def test_the_server_imports_neither_torch_nor_lightning(bundle):
         (["BUNDLE", "--max_batch_size", "0"], "--max_batch_size must be at least 1, not 0"),
         (["BUNDLE", "--max_texts", "10", "--max_queue", "5"], "--max_texts (10) cannot exceed --max_queue (5)"),
         (["BUNDLE", "--timeout_s", "0"], "--timeout_s must be positive"),
+        (["BUNDLE", "--timeout_s", "nan"], "--timeout_s must be positive and finite, not nan"),
+        (["BUNDLE", "--max_wait_ms", "inf"], "--max_wait_ms must be 0 or more and finite, not inf"),
         (["BUNDLE", "--port", "70000"], "--port must be in 0..65535"),
     ],
 )
