@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nlprnn.deploy.inputs import clean_text
+from nlprnn.deploy.inputs import clean_text, clean_texts
 
 if TYPE_CHECKING:
     from tokenizers import Encoding
@@ -70,9 +70,7 @@ class _Word:
 
 def explain(predictor: Predictor, texts: Sequence[str]) -> list[Explanation]:
     """Explain each text's prediction word by word; one model call per text (the text and one variant per word)."""
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
-    return [_explain_one(predictor, clean_text(_as_text(text))) for text in texts]
+    return [_explain_one(predictor, text) for text in clean_texts(texts)]
 
 
 def _explain_one(predictor: Predictor, text: str) -> Explanation:
@@ -121,12 +119,6 @@ def _words(encoding: Encoding) -> list[_Word]:
             break
         spans[word_id][1] = max(spans[word_id][1], end)
     return [_Word(spans[i][0], spans[i][1], positions[i]) for i in sorted(spans, key=lambda i: spans[i][0])]
-
-
-def _as_text(text: object) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"texts must be strings, not {type(text).__name__}")
-    return text
 
 
 def html_head() -> str:

@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nlprnn.errors import UserError
@@ -33,6 +33,16 @@ def clean_text(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
+def clean_texts(texts: Sequence[str]) -> list[str]:
+    """The texts, each made valid UTF-8 (`clean_text`); a TypeError for a lone string or a text that is not one."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be strings, not {type(text).__name__}")
+    return [clean_text(text) for text in texts]
 
 
 def read_texts(path: str, text_column: str = "text") -> Iterator[str]:

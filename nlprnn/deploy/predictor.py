@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from nlprnn.data.tokenizer import load_tokenizer
 from nlprnn.deploy.bundle import INPUT_NAMES, OUTPUT_NAMES, Bundle, read_bundle
-from nlprnn.deploy.inputs import clean_text
+from nlprnn.deploy.inputs import clean_texts
 from nlprnn.errors import UserError, first_line
 from nlprnn.padding import pad_rows
 from nlprnn.threads import available_cores
@@ -120,9 +120,7 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, at most max_length of them and never none."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
-        texts = [clean_text(_as_text(text)) for text in texts]
+        texts = clean_texts(texts)
         encodings = self.tokenizer.encode_batch(texts) if texts else []
         return [e.ids or [self.unk_id] for e in encodings]
 
@@ -148,12 +146,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """(N, C) logits -> (N, C) probabilities, in the logits' dtype."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))  # no overflow: the largest is exp(0)
     return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def _as_text(text: object) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"texts must be strings, not {type(text).__name__}")
-    return text
 
 
 def _check_signature(session: ort.InferenceSession, bundle: Bundle) -> None:
