@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -32,14 +34,19 @@ from pathlib import Path
 from nlprnn.errors import UserError, exit_on_reported_error
 from nlprnn.atomic import write_bytes, write_text
 from nlprnn.run_dir import RUN_NAME_ENV, dataset_stem
-from nlprnn.tune_space import Dimension, fit_args, load_space
+from nlprnn.tune_space import Dimension, fit_args, load_space, one_line
 
 PROG = "nlprnn.tune"
 DEFAULT_N_TRIALS = 20
 HEARTBEAT_S = 60  # a trial whose process died (kill -9, power loss) is marked failed after GRACE_S without a beat
 GRACE_S = 180
+MAX_FAILED_IN_A_ROW = 3  # trials of one process failing one after another, with none completed, stop the search
 # nlprnn.tune names every trial's run folder (--output_dir is tune's own flag); a fit setting of these is refused.
 TRIAL_OWNED = ("run_name", "ckpt_path")
+# Study user attributes: a digest of the base configuration, and the parameters left out of it (the searched ones).
+BASE_CONFIG_ATTR, SEARCHED_ATTR = "base_config_sha256", "searched"
+# Left out of that digest too: set per trial by nlprnn.tune, or loading parallelism, which may differ per machine.
+NOT_COMPARED = ("run_name", "ckpt_path", "output_dir", "trainer.devices", "data.num_workers", "data.num_proc")
 
 
 class TrialInterrupted(Exception):
@@ -82,6 +89,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         value = getattr(options, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, not {value}")
+    for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
+        value = getattr(options, name)
+        if value < 0:
+            raise UserError(f"--{name} must be 0 or more, not {value}")
     if options.n_trials is None and options.timeout_min is None:
         options.n_trials = DEFAULT_N_TRIALS
     return options, rest
@@ -157,6 +168,34 @@ class FitConfigs:
             warnings.simplefilter("ignore")  # jsonargparse deprecates skip_none; fit.py writes config.yaml alike
             return self.parser.dump(self.parse(extra), skip_none=False)
 
+    def base_digest(self, searched: list[str]) -> str:
+        """A digest of the configuration every trial starts from, without the searched parameters (each trial
+        sets its own) and NOT_COMPARED: equal digests mean trials of one study are comparable."""
+        import yaml
+
+        config = yaml.safe_load(self.dump([]))
+        for path in [*searched, *NOT_COMPARED]:
+            drop_parameter(config, path)
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def drop_parameter(config: dict, path: str) -> None:
+    """Remove a dotted parameter from a dumped configuration; fit accepts model.encoder.hidden_size for
+    model.encoder.init_args.hidden_size, so a key missing at one level is looked for in its init_args."""
+    def level(node, key: str):
+        if isinstance(node, dict) and key not in node and isinstance(node.get("init_args"), dict):
+            return node["init_args"]
+        return node
+
+    *parents, leaf = path.split(".")
+    node = config
+    for key in parents:
+        node = level(node, key)
+        node = node.get(key) if isinstance(node, dict) else None
+    node = level(node, leaf)
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
 
 @contextmanager
 def quiet_seed_message() -> Iterator[None]:
@@ -171,15 +210,12 @@ def quiet_seed_message() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 # --- storage --------------------------------------------------------------------------------------
 
 
-def open_storage(url: str):
-    """The study database; a URL that cannot be used is one UserError, and leaves nothing behind."""
+def open_storage(url: str, prepare):
+    """prepare(storage) on the study database, and its result; a URL that cannot be used, or a UserError from
+    prepare, leaves nothing behind. With SQLite, processes started together prepare one at a time."""
     import optuna
     import sqlalchemy
     from filelock import FileLock
@@ -204,21 +240,28 @@ def open_storage(url: str):
     elif parsed.get_backend_name().startswith("postgres"):
         engine_kwargs = {"connect_args": {"connect_timeout": 15}}
     try:
-        with creating, warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
-    except (ImportError, sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, TimeoutError) as err:
+        with creating:  # held while preparing too: one process creates the study, the others then load it
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                         heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            except (ImportError, sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as err:
+                if isinstance(err, ImportError):
+                    reason = f"its database driver is not installed ({one_line(err.__cause__ or err)})"
+                else:
+                    reason = one_line(err).split(" (Background on this error")[0]
+                raise UserError(f"cannot open the study storage {url}: {reason}") from None
+            return prepare(storage)
+    except (UserError, TimeoutError) as err:
         for path in reversed(created):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        if isinstance(err, ImportError):
-            reason = f"its database driver is not installed ({one_line(err.__cause__ or err)})"
-        else:
-            reason = one_line(err).split(" (Background on this error")[0]
-        raise UserError(f"cannot open the study storage {url}: {reason}") from None
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"cannot open the study storage {url}: {one_line(err)}") from None
 
 
 def make_parents(database: Path, url: str) -> list[Path]:
@@ -297,12 +340,14 @@ class Search:
         self.study_name = options.study_name or f"{dataset}-{Path(options.space).stem}"
         self.output_dir = Path(options.output_dir or Path("checkpoints") / "tune" / self.study_name)
         self.storage_url = options.storage or f"sqlite:///{self.output_dir / 'study.db'}"
+        # per study: a new study (another name, or the same after its database was deleted) starts no old trial folder
+        self.trials_dir = self.output_dir / "trials" / self.study_name
         self.fit_flags = fit_flags
         self.configs.check_data()
 
     def trial_args(self, trial_number: int, params: dict) -> list[str]:
-        return [*self.fit_flags, *fit_args(params), "--output_dir", str(self.output_dir / "trials"),
-                "--run_name", f"trial-{trial_number}", "--baseline", "false",
+        return [*self.fit_flags, *fit_args(params), "--output_dir", str(self.trials_dir),
+                "--run_name", f"trial-{trial_number}",
                 "--trainer.devices", "1"]  # one device per trial: several devices would re-run this command
 
     def objective(self, trial) -> float:
@@ -319,6 +364,9 @@ class Search:
                 result = fit.run(self.trial_args(trial.number, params), callbacks=[report], test=False)
         except NonFiniteLoss as err:
             trial.set_user_attr("error", str(err).split(";")[0])
+            raise
+        except UserError as err:  # e.g. a sampled combination the model refuses: this trial fails, the search goes on
+            trial.set_user_attr("error", one_line(err))
             raise
         except SystemExit as stop:  # Lightning ends the process on Ctrl-C; fit on SIGTERM
             status = stop.code if isinstance(stop.code, int) else 1
@@ -340,20 +388,15 @@ class Search:
         from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one progress line per trial instead (see progress)
-        storage = open_storage(self.storage_url)
+        study = open_storage(self.storage_url, self.open_study)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=self.options.pruner_startup_trials,
-                                              n_warmup_steps=self.options.pruner_warmup_epochs)
-                  if self.options.pruner == "median" else optuna.pruners.NopPruner())
-        study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize",
-                                    pruner=pruner, load_if_exists=True)
         study.sampler = optuna.samplers.TPESampler(seed=self.options.seed + len(study.trials), constant_liar=True)
         finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        self.started, self.finished_states = time.monotonic(), finished
+        self.started, self.finished_states, self.failed_in_a_row = time.monotonic(), finished, 0
         n_trials, timeout_min = self.options.n_trials, self.options.timeout_min
         done = len(study.get_trials(deepcopy=False, states=finished))
         print(f"{PROG}: study {self.study_name} in {self.storage_url} ({done} finished trials); "
-              f"trials in {self.output_dir / 'trials'}", flush=True)
+              f"trials in {self.trials_dir}", flush=True)
         if n_trials is not None and done >= n_trials:
             print(f"{PROG}: the study already holds {done} finished trials (--n_trials {n_trials}); nothing to run",
                   flush=True)
@@ -363,7 +406,7 @@ class Search:
                 callbacks.insert(0, MaxTrialsCallback(n_trials, states=finished))
             try:
                 study.optimize(self.objective, timeout=timeout_min * 60 if timeout_min else None,
-                               callbacks=callbacks, catch=(NonFiniteLoss,), gc_after_trial=True)
+                               callbacks=callbacks, catch=(NonFiniteLoss, UserError), gc_after_trial=True)
             except TrialInterrupted as stop:
                 self.write_outputs(study)
                 print(f"{PROG}: stopped; run the same command again to resume study {self.study_name}",
@@ -371,6 +414,62 @@ class Search:
                 raise SystemExit(stop.exit_status) from None
         self.write_outputs(study)
         self.summary(study)
+
+    def open_study(self, storage):
+        """Load the study, or create it with this search's base configuration; a study this search does not fit is
+        refused before anything is written to it."""
+        import optuna
+
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=self.options.pruner_startup_trials,
+                                              n_warmup_steps=self.options.pruner_warmup_epochs)
+                  if self.options.pruner == "median" else optuna.pruners.NopPruner())
+        # listed before the study is read: a trial is stored before fit makes its folder, so none of these is new
+        folders = [p.name for p in self.trials_dir.glob("trial-*") if p.is_dir() and any(p.iterdir())]
+        try:
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
+        except KeyError:
+            self.refuse_old_folders(folders, started=[])
+            study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize",
+                                        pruner=pruner, load_if_exists=True)  # another process may have just made it
+        trials = study.get_trials(deepcopy=False)
+        self.check_space(trials)
+        self.refuse_old_folders(folders, started=[t for t in trials if t.datetime_start is not None])
+        searched = [dim.path for dim in self.space]
+        if BASE_CONFIG_ATTR not in study.user_attrs:  # new, or made outside nlprnn.tune: it takes this configuration
+            study.set_user_attr(SEARCHED_ATTR, searched)
+            study.set_user_attr(BASE_CONFIG_ATTR, self.configs.base_digest(searched))
+        # compared without the study's own searched parameters: a dimension added to or dropped from the space
+        # keeps the trials comparable (they ran, and best.yaml writes them, with the base value or their own)
+        elif study.user_attrs[BASE_CONFIG_ATTR] != self.configs.base_digest(study.user_attrs[SEARCHED_ATTR]):
+            raise UserError(f"study {self.study_name} in {self.storage_url} was run with another base configuration "
+                            "(--config and fit flags); give this search another --study_name, or run it with the "
+                            "study's own configuration")
+        return study
+
+    def check_space(self, trials) -> None:
+        """Optuna cannot change a parameter's kind, log scale or categorical choices within a study."""
+        from optuna.distributions import check_distribution_compatibility
+
+        for dim in self.space:
+            new = dim.distribution()
+            old = next((t.distributions[dim.path] for t in trials if dim.path in t.distributions), None)
+            if old is None:
+                continue
+            try:
+                check_distribution_compatibility(old, new)
+            except ValueError:
+                raise UserError(f"search space {self.options.space}: {dim.path} is {describe(new)}, but study "
+                                f"{self.study_name} sampled it as {describe(old)}; give this search another "
+                                "--study_name") from None
+
+    def refuse_old_folders(self, folders: list[str], started: list) -> None:
+        """Trial folders no started trial of this study made (its database was deleted): fit would refuse them."""
+        ours = {f"trial-{t.number}" for t in started}
+        old = sorted((name for name in folders if name not in ours), key=lambda name: (len(name), name))
+        if old:
+            shown = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+            raise UserError(f"{self.trials_dir} holds trial folders ({shown}) of an earlier study {self.study_name} "
+                            f"that {self.storage_url} does not have; delete that folder to start the study over")
 
     # --- reporting -------------------------------------------------------------------------------
 
@@ -397,6 +496,12 @@ class Search:
             left.append(f"{max(minutes, 0):.1f} min left")
         print(f"{PROG}: {line} | {', '.join(left)}", flush=True)
         self.write_outputs(study)
+        self.failed_in_a_row = self.failed_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.failed_in_a_row == MAX_FAILED_IN_A_ROW and best is None:
+            # a mistake every trial makes (not one sampled value) would otherwise fail trial after trial
+            print(f"{PROG}: {MAX_FAILED_IN_A_ROW} trials in a row failed and none has completed; the search stops",
+                  file=sys.stderr, flush=True)
+            study.stop()
 
     def write_outputs(self, study) -> None:
         """best.yaml, trials.csv and the plots, each replaced atomically."""
@@ -419,6 +524,15 @@ class Search:
         print(f"{PROG}: best validation accuracy {best.value:.4f} (trial {best.number} of {len(study.trials)}): {params}\n"
               f"{PROG}: results in {self.output_dir} (best.yaml, trials.csv, plots); train and test the best with:\n"
               f"  python -m nlprnn.fit --config {self.output_dir / 'best.yaml'}", flush=True)
+
+
+def describe(distribution) -> str:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return f"categorical {list(distribution.choices)}"
+    kind = "int" if isinstance(distribution, IntDistribution) else "float"
+    return f"{kind} {distribution.low}..{distribution.high}{' (log)' if distribution.log else ''}"
 
 
 def best_trial(study):

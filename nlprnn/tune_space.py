@@ -59,6 +59,16 @@ class Dimension:
             return trial.suggest_int(self.path, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.path, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from, to compare with what a study's trials recorded."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.type == "int":
+            return IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
     def extremes(self) -> list[Value]:
         """The values that show whether fit accepts this parameter: every choice, or both ends of the range."""
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
@@ -82,6 +92,12 @@ def as_flag_value(value: Value) -> str:
     return str(value)
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's whole message on one line: jsonargparse's and YAML's span several, and the reason is not
+    on the first (so not errors.first_line)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def load_space(path: str | Path) -> list[Dimension]:
     """Read and check a search-space file; any mistake is a UserError naming the file and the parameter."""
     path = Path(path)
@@ -90,7 +106,7 @@ def load_space(path: str | Path) -> list[Dimension]:
     except FileNotFoundError:
         raise UserError(f"search space file not found: {path}") from None
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read the search space {path}: {' '.join(str(err).split())}") from None
+        raise UserError(f"cannot read the search space {path}: {one_line(err)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"search space {path}: expected a mapping of fit parameters (e.g. model.lr) to "
                         "distributions such as {type: float, low: 0.0003, high: 0.01, log: true}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,8 @@ def test_search_prunes_a_bad_trial_and_writes_a_best_config_that_fit_runs(tmp_pa
     assert f"best validation accuracy {best.value:.4f} (trial {best.number}" in proc.stdout
     assert f"python -m nlprnn.fit --config {out / 'best.yaml'}" in proc.stdout
     # Validation only: no trial tested its model (fit writes metrics.json after the test).
-    assert sorted(p.name for p in (out / "trials").iterdir()) == ["trial-0", "trial-1", "trial-2"]
-    assert not list((out / "trials").glob("*/metrics.json"))
+    assert sorted(p.name for p in (out / "trials" / "tiny").iterdir()) == ["trial-0", "trial-1", "trial-2"]
+    assert not list((out / "trials").glob("*/*/metrics.json"))
 
     config = (out / "best.yaml").read_text()
     assert f"lr: {GOOD_LR}" in config and f"dropout: {best.params['model.dropout']}" in config
@@ -116,7 +117,7 @@ def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
     assert sorted(int(r["number"]) for r in rows) == list(range(len(rows)))
     pids = {int(r["worker"].rsplit(":", 1)[1]) for r in rows}
     assert pids == {w.pid for w in workers}, rows
-    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{r['number']}" for r in rows]
+    assert sorted(p.name for p in (out / "trials" / "tiny-space").iterdir()) == [f"trial-{r['number']}" for r in rows]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +138,8 @@ def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
         (SPACE, ["--storage", "postgresql://127.0.0.1:1/x"], "cannot open the study storage postgresql://127.0.0.1:1/x"),
         (SPACE, ["--storage", "sqlite:///{tmp}/a-file/sub/study.db"], "cannot open the study storage sqlite:///"),
         (SPACE, ["--storage", "no url"], "--storage 'no url' is not a database URL"),
+        (SPACE, ["--pruner_startup_trials", "-1"], "--pruner_startup_trials must be 0 or more, not -1"),
+        (SPACE, ["--pruner_warmup_epochs", "-2"], "--pruner_warmup_epochs must be 0 or more, not -2"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_csv, capfd, monkeypatch, space_text, extra, message):
@@ -173,7 +176,7 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
     from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
     def run(args, callbacks=(), test=True):
-        assert test is False and "--baseline" in args  # selection on validation only, without the baseline
+        assert test is False  # selection on validation only
         lr = float(args[args.index("--model.lr", len(TINY)) + 1])
         if lr == BAD_LR:
             raise NonFiniteLoss("the training loss became NaN or infinite at step 3; stopped without saving")
@@ -201,3 +204,124 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
     assert stop.value.code == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert [r["state"] for r in read_trials(out)][4:] == ["FAIL"]  # recorded, not left running
+
+
+# --- one study, one base configuration; trial folders per study -------------------------------------------
+
+
+GOOD_SPACE = SPACE.replace(f", {BAD_LR}", "")  # every trial trains, and so has a run folder
+
+
+@pytest.fixture
+def stand_in_fit(monkeypatch):
+    """fit.run as a trial sees it: it claims the run folder as fit does, refuses what `refused` says, else scores."""
+    from nlprnn import fit
+    from nlprnn.errors import UserError
+    from nlprnn.run_dir import claim_run_dir
+
+    def run(args, callbacks=(), test=True):
+        lr = float(args[args.index("--model.lr", len(TINY)) + 1])
+        if lr == BAD_LR:  # refused before fit claims its run folder
+            raise UserError(f"model.lr {lr} is below what this model accepts; choose another")
+        run_dir = claim_run_dir(Path(args[args.index("--output_dir") + 1]), args[args.index("--run_name") + 1],
+                                resuming=False)
+        (run_dir / "config.yaml").write_text("")
+        return {"best_val_acc": 0.75}
+
+    monkeypatch.setattr(fit, "run", run)
+
+
+def search(tmp_path, tiny_csv, *extra: str, space: str = SPACE, n_trials: int = 2) -> None:
+    (tmp_path / "space.yaml").write_text(space)
+    tune.main(["--space", str(tmp_path / "space.yaml"), "--data.train_file", str(tiny_csv), *TINY,
+               "--output_dir", str(tmp_path / "out"), "--n_trials", str(n_trials), *extra])
+
+
+def refused(capfd, tmp_path, tiny_csv, *extra: str, space: str = SPACE) -> str:
+    """The one error line of a search that must be refused, which must leave the output folder as it was."""
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv, *extra, space=space, n_trials=4)
+    assert stop.value.code == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("nlprnn.tune: error:")]
+    assert len(errors) == 1, errors
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    return errors[0]
+
+
+@pytest.mark.parametrize("change", [["--model.weight_decay", "0.1"], ["--config", "other.yaml"]])
+def test_a_study_refuses_a_search_with_another_base_configuration(tmp_path, tiny_csv, stand_in_fit, capfd, change):
+    (tmp_path / "other.yaml").write_text("model:\n  pooling: mean\n")
+    change = [a.replace("other.yaml", str(tmp_path / "other.yaml")) for a in change]
+    search(tmp_path, tiny_csv, "--seed", "1", space=GOOD_SPACE)
+    error = refused(capfd, tmp_path, tiny_csv, *change, space=GOOD_SPACE)
+    assert error == (f"nlprnn.tune: error: study tiny-space in sqlite:///{tmp_path / 'out' / 'study.db'} was run "
+                     "with another base configuration (--config and fit flags); give this search another "
+                     "--study_name, or run it with the study's own configuration")
+    # Another name is another study, beside the first; its trials get their own folders.
+    search(tmp_path, tiny_csv, *change, "--study_name", "other", space=GOOD_SPACE)
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'out' / 'study.db'}")}
+    assert studies == {"tiny-space": 2, "other": 2}
+    assert sorted(p.name for p in (tmp_path / "out" / "trials" / "other").iterdir()) == ["trial-0", "trial-1"]
+
+
+def test_a_study_goes_on_with_what_leaves_its_trials_comparable(tmp_path, tiny_csv, stand_in_fit):
+    search(tmp_path, tiny_csv)
+    # another seed, data loading parallelism, the base value of a searched parameter
+    search(tmp_path, tiny_csv, "--seed", "7", "--data.num_workers", "1", "--model.lr", "0.5", n_trials=3)
+    # a range widened, and a dimension added (the old trials ran with its base value)
+    wider = SPACE.replace("high: 0.3", "high: 0.5") + "model.weight_decay: {type: float, low: 0.0, high: 0.1}\n"
+    search(tmp_path, tiny_csv, space=wider, n_trials=4)
+    rows = read_trials(tmp_path / "out")
+    assert len(rows) == 4 and rows[3]["model.weight_decay"] and not rows[0]["model.weight_decay"]
+
+
+def test_a_study_refuses_changed_categorical_choices(tmp_path, tiny_csv, stand_in_fit, capfd):
+    search(tmp_path, tiny_csv)
+    changed = SPACE.replace(f"[{GOOD_LR}, {BAD_LR}]", f"[{GOOD_LR}, 0.005]")
+    error = refused(capfd, tmp_path, tiny_csv, space=changed)
+    assert error == (f"nlprnn.tune: error: search space {tmp_path / 'space.yaml'}: model.lr is categorical "
+                     f"[{GOOD_LR}, 0.005], but study tiny-space sampled it as categorical [{GOOD_LR}, {BAD_LR}]; "
+                     "give this search another --study_name")
+
+
+def test_a_trial_that_fit_refuses_fails_alone(tmp_path, tiny_csv, stand_in_fit, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    study = optuna.create_study(study_name="tiny-space", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"model.lr": BAD_LR})
+    search(tmp_path, tiny_csv, n_trials=3)
+    message = f"model.lr {BAD_LR} is below what this model accepts; choose another"
+    assert f"trial 0: failed ({message})" in capsys.readouterr().out
+    rows = read_trials(out)
+    assert len(rows) == 3 and rows[0]["state"] == "FAIL" and rows[0]["error"] == message
+    # fit discards the run folder of a run it refuses; the other trials have theirs
+    completed = [f"trial-{r['number']}" for r in rows if r["state"] == "COMPLETE"]
+    assert completed and sorted(p.name for p in (out / "trials" / "tiny-space").iterdir()) == sorted(completed)
+
+
+def test_a_search_whose_every_trial_fails_stops_after_three(tmp_path, tiny_csv, stand_in_fit, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    study = optuna.create_study(study_name="tiny-space", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    for _ in range(3):
+        study.enqueue_trial({"model.lr": BAD_LR})
+    search(tmp_path, tiny_csv, n_trials=6)  # the fourth trial, sampled, would have completed
+    assert "3 trials in a row failed and none has completed; the search stops" in capsys.readouterr().err
+    assert [row["state"] for row in read_trials(out)] == ["FAIL"] * 3
+
+
+def test_a_study_started_over_is_told_to_delete_the_old_trial_folders(tmp_path, tiny_csv, stand_in_fit, capfd):
+    out = tmp_path / "out"
+    search(tmp_path, tiny_csv, space=GOOD_SPACE)
+    (out / "study.db").unlink()
+    error = refused(capfd, tmp_path, tiny_csv, space=GOOD_SPACE)
+    assert error == (f"nlprnn.tune: error: {out / 'trials' / 'tiny-space'} holds trial folders (trial-0, trial-1) "
+                     f"of an earlier study tiny-space that sqlite:///{out / 'study.db'} does not have; delete that "
+                     "folder to start the study over")
+    assert not (out / "study.db").exists()
+    shutil.rmtree(out / "trials" / "tiny-space")
+    search(tmp_path, tiny_csv, space=GOOD_SPACE)
+    assert [r["state"] for r in read_trials(out)] == ["COMPLETE", "COMPLETE"]
