@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn import slurm, tracking
@@ -31,7 +31,7 @@ from nlprnn.atomic import write_json, write_text
 from nlprnn.callbacks.calibration import CalibrationReport
 from nlprnn.callbacks.checkpoint_io import AtomicCheckpointIO
 from nlprnn.callbacks.last_checkpoint import LastCheckpoint
-from nlprnn.callbacks.nonfinite import NonFiniteLoss, NonFiniteLossGuard
+from nlprnn.callbacks.nonfinite import NonFiniteLossGuard
 from nlprnn.callbacks.report import ConfusionMatrixReport
 from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
 from nlprnn.callbacks.selection import BestCheckpoint
@@ -83,6 +83,13 @@ class FitCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # The data is prepared by now (instantiate_classes), so bad input has already been reported.
         self.claim_run_dir()
+        try:
+            return self._make_trainer(**kwargs)
+        except BaseException:
+            self.discard_run_dir()  # nothing has been written to it yet
+            raise
+
+    def _make_trainer(self, **kwargs) -> Trainer:
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
         derived = {**self.datamodule.derived, **self.model.derived}
@@ -117,17 +124,22 @@ class FitCLI(LightningCLI):
         if bar_wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Each refresh reads the logged loss (a host sync on a GPU): refresh when the logger writes, not every step.
             callbacks.append(TQDMProgressBar(refresh_rate=trainer_config.get("log_every_n_steps") or 50))
-        return super().instantiate_trainer(
-            callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(self.run_dir),
-            use_distributed_sampler=False, **kwargs
-        )
+        try:
+            return super().instantiate_trainer(
+                callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(self.run_dir),
+                use_distributed_sampler=False, **kwargs
+            )
+        except (MisconfigurationException, ValueError) as err:  # e.g. --trainer.accelerator gpu without a GPU
+            raise UserError(f"the trainer settings cannot be used: {first_line(err)}") from None
 
-    @staticmethod
-    def budget_left_open(trainer_config) -> bool:
+    # The values that leave each length unset, per key: max_steps=-1 is the Trainer's "unset", while an explicit
+    # max_epochs of -1 (no limit) or 0 is a choice.
+    OPEN_BUDGET = {"max_epochs": (None,), "max_steps": (None, -1), "max_time": (None,), "fast_dev_run": (None, False)}
+
+    @classmethod
+    def budget_left_open(cls, trainer_config) -> bool:
         """Whether the recipe and command line leave the length of training to be derived from the data."""
-        given = ("max_epochs", "max_steps", "max_time", "fast_dev_run")
-        open_values = (None, -1, False)
-        return all(trainer_config.get(key) in open_values for key in given)
+        return all(trainer_config.get(key) in open_values for key, open_values in cls.OPEN_BUDGET.items())
 
     def claim_run_dir(self) -> None:
         """Choose and create the run folder, and the checkpoint to resume from.
@@ -144,12 +156,13 @@ class FitCLI(LightningCLI):
         last = self.run_dir / "last.ckpt"
         requeued = slurm.in_slurm_job() and slurm.was_requeued() and self.run_dir.is_dir()
         self.resume_from = str(last) if config.ckpt_path == "last" or (requeued and last.exists()) else config.ckpt_path
-        self.created_run_dir = False
+        self.created_dir: Path | None = None  # the outermost folder this process created for the run
         if rank_zero_only.rank == 0 and not inherited:
-            self.created_run_dir = not self.run_dir.exists()
+            missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
             # a checkpoint path may start a new run folder; 'last' always continues an existing one
             resuming = requeued or config.ckpt_path == "last" or (config.ckpt_path is not None and self.run_dir.is_dir())
             claim_run_dir(Path(config.output_dir), self.run_name, resuming=resuming)
+            self.created_dir = missing[-1] if missing else None
         os.environ[RUN_NAME_ENV] = self.run_name
 
     def default_run_name(self) -> str:
@@ -161,9 +174,18 @@ class FitCLI(LightningCLI):
         return new_run_name(dataset)
 
     def discard_run_dir(self) -> None:
-        """Remove the run folder this process made, so a failed run leaves nothing half-written."""
-        if self.created_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        """Remove the run folder this process made (and the --output_dir it made for it, if left empty), so a run
+        that fails before training leaves nothing half-written. Called only before training starts."""
+        if getattr(self, "created_dir", None) is None:
+            return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        for parent in self.run_dir.parents:
+            if not parent.is_relative_to(self.created_dir):
+                break
+            try:
+                parent.rmdir()  # only if empty: another run may have started in it meanwhile
+            except OSError:
+                break
 
 
 def prepared_data(class_type: type[TextDataModule], *args: Any, **kwargs: Any) -> TextDataModule:
@@ -173,6 +195,10 @@ def prepared_data(class_type: type[TextDataModule], *args: Any, **kwargs: Any) -
     load. Bad input ends here with a UserError, before a run folder exists, leaving no half-written cache.
     """
     data = class_type(*args, **kwargs)
+    if data.batch_size < 1:  # checked before the data is prepared and a run folder made
+        raise UserError(f"data.batch_size is the number of examples in a batch, at least 1: got {data.batch_size}")
+    if data.num_workers < 0:
+        raise UserError(f"data.num_workers is a number of loader processes, 0 or more: got {data.num_workers}")
     data.prepare()
     return data
 
@@ -181,14 +207,27 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     """Train, then test the best checkpoint; with test=False only train and return {"best_val_acc": ...}."""
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.resume_from
-    if ckpt_path:
-        # before anything is written: a resume whose batches would differ is refused, not run
-        check_resumable(Path(ckpt_path), data.batch_sampler("train", shuffle=True, world_size=trainer.world_size))
-    if trainer.is_global_zero:
-        write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-        saved = data.state_dict()  # what every checkpoint carries: the run folder's copies come from it too
-        write_text(cli.run_dir / "tokenizer.json", saved["tokenizer"])
-        write_json(cli.run_dir / "labels.json", saved["labels"])
+    try:
+        if ckpt_path:
+            # before anything is written: a resume whose batches or model would differ is refused, not run
+            sampler = data.batch_sampler("train", shuffle=True, world_size=trainer.world_size)
+            checkpoint = check_resumable(Path(ckpt_path), sampler)
+            check_same_model(checkpoint, model, Path(ckpt_path).name)
+            best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
+            states = checkpoint.get("callbacks", {})
+            state = next((s for k, s in states.items() if k.startswith(BestCheckpoint.__qualname__)), None)
+            if best is not None and state is not None and state.get("dirpath") != best.dirpath:
+                best.adopt_best(state, copy=trainer.is_global_zero)  # resumed into another folder
+            del checkpoint, states, state
+        if trainer.is_global_zero:
+            write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
+            saved = data.state_dict()  # what every checkpoint carries: the run folder's copies come from it too
+            write_text(cli.run_dir / "tokenizer.json", saved["tokenizer"])
+            write_json(cli.run_dir / "labels.json", saved["labels"])
+    except BaseException:
+        cli.discard_run_dir()  # training has not started: nothing in a folder this run made is worth keeping
+        raise
+    # From here on the run folder is kept whatever happens: it holds training.
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     if not test:  # nlprnn.tune selects on validation only: no test split, no baseline
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
@@ -205,11 +244,8 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         if "test_ece" in metrics:
             summary += (f", ECE {metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} "
                         f"(temperature {metrics['temperature']:.3f})")
-        if cli.config.baseline:
-            from nlprnn.baseline import fit_baseline  # scikit-learn only when the baseline runs
-            from nlprnn.data.sources import load_splits
-
-            baseline = fit_baseline(load_splits(data.source))  # the same splits the model saw
+        baseline = run_baseline(data) if cli.config.baseline else None
+        if baseline is not None:
             metrics.update(baseline)
             if trainer.logger:
                 trainer.logger.log_metrics(baseline)
@@ -218,6 +254,63 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         write_json(cli.run_dir / "metrics.json", metrics)
         print(f"{summary}; run folder {cli.run_dir}")
     return metrics
+
+
+def run_baseline(data: TextDataModule) -> dict[str, float] | None:
+    """The TF-IDF + logistic-regression baseline's metrics; None, after a one-line warning, if it fails.
+
+    It re-reads the source (the prepared data keeps token ids, not texts), which may have moved, changed or gone
+    offline since training began: the trained model's results matter more than the baseline beside them.
+    """
+    try:
+        from nlprnn.baseline import fit_baseline  # scikit-learn only when the baseline runs
+        from nlprnn.data.sources import load_splits
+
+        if not data.source_unchanged():  # the baseline would learn from other data than the model
+            raise UserError("the data files changed or moved since they were prepared")
+        return fit_baseline(load_splits(data.source))  # the same splits the model saw
+    except Exception as err:
+        print(f"nlprnn.fit: warning: the TF-IDF + logistic-regression baseline was left out: {first_line(err)}",
+              file=sys.stderr, flush=True)
+        return None
+
+
+MODEL_CHANGES_SHOWN = 3  # of the model settings that differ from a resumed checkpoint's
+
+
+def check_same_model(checkpoint: dict[str, Any], model: TextClassifier, checkpoint_name: str) -> None:
+    """UserError if the model settings differ from those `checkpoint` was trained with.
+
+    Raised before the run folder is written to: a resume would otherwise fail on mismatched weight shapes, or
+    quietly train a model other than the one configured, with config.yaml already describing it.
+    """
+    saved, current = flat_settings(checkpoint.get("hyper_parameters") or {}), flat_settings(dict(model.hparams))
+    # Settings added since the checkpoint was written are not compared: the model loads such checkpoints with the
+    # values they were trained with (see nlprnn.models.classifier).
+    changed = [name for name in sorted(saved.keys() & current.keys()) if saved[name] != current[name]]
+    if not changed:
+        return
+    shown = ", ".join(f"{name} {saved[name]!r} then, {current[name]!r} now"
+                      for name in changed[:MODEL_CHANGES_SHOWN])
+    more = f" and {len(changed) - MODEL_CHANGES_SHOWN} more" if len(changed) > MODEL_CHANGES_SHOWN else ""
+    raise UserError(f"cannot resume: the model settings differ from {checkpoint_name}'s ({shown}{more}); resume with "
+                    "the settings it was trained with (in the run folder's config.yaml), or start a new run")
+
+
+def flat_settings(hparams: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    """Hyperparameters as the options that set them: {"model.encoder.hidden_size": 128, ...}."""
+    flat = {}
+    for name, value in hparams.items():
+        if name.startswith("_"):  # Lightning's own entries (_instantiator), no settings
+            continue
+        if isinstance(value, dict) and "class_path" in value:  # a class given by path, and its arguments
+            flat[f"{prefix}{name}.class_path"] = value["class_path"]
+            value = value.get("init_args") or {}
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def calibrate(cli: FitCLI, checkpoint: str | None) -> None:
@@ -328,11 +421,6 @@ def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool) -> d
         raise missing from None
     try:
         metrics = fit_and_test(cli, test)
-    except NonFiniteLoss:
-        raise  # keep the run folder: its last.ckpt is the last good state
-    except UserError:
-        cli.discard_run_dir()
-        raise
     except SIGTERMException:
         if cli.trainer.is_global_zero:
             report_stop(cli)

@@ -46,10 +46,17 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
         if not run_dir.is_dir():
             raise UserError(f"cannot resume: there is no run folder {run_dir}")
         return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; choose another --run_name")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(
             f"{run_dir} already holds a run; choose another --run_name, or resume it with --ckpt_path last"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+        raise UserError(f"--output_dir {root} is not a folder (a file is in its way); name a folder") from None
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
     return run_dir
 

@@ -22,12 +22,12 @@ class ConfusionMatrixReport(Callback):
     The scores are logged as test_precision_<label> and test_recall_<label> (so they land in
     metrics.json beside the model's test_f1_<label>); the matrix goes to W&B as a confusion-matrix
     chart and image, and to `<run_dir>/confusion_matrix.png`. Counts are summed over all devices
-    before anything is derived. Needs the model's test_step to return the batch's (B, C) logits.
+    before anything is derived; classes are named by the datamodule's labels (else 0, 1, ...). Needs the
+    model's test_step to return the batch's (B, C) logits.
     """
 
-    def __init__(self, run_dir: Path | None = None, labels: list[str] | None = None) -> None:
+    def __init__(self, run_dir: Path | None = None) -> None:
         self.run_dir = run_dir
-        self.labels = labels
         self.matrix: MulticlassConfusionMatrix | None = None
         self.scores: MetricCollection | None = None
 
@@ -49,7 +49,7 @@ class ConfusionMatrixReport(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = self.matrix.compute()  # (C, C): rows true class, columns predicted; synced across devices
-        labels = self.labels or getattr(trainer.datamodule, "labels", None) or [str(i) for i in range(len(counts))]
+        labels = getattr(trainer.datamodule, "labels", None) or [str(i) for i in range(len(counts))]
         for name, values in self.scores.compute().items():  # each (C,), synced across devices
             for label, value in zip(labels, values):
                 pl_module.log(f"test_{name}_{label}", value, on_step=False, on_epoch=True, sync_dist=True)

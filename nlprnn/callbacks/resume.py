@@ -72,8 +72,8 @@ class RestoreLoaderPosition(Callback):
             raise resume_refusal(name, err.changes) from None
 
 
-def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> None:
-    """Raise UserError unless `path` is a complete checkpoint with training state.
+def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> dict[str, Any]:
+    """The checkpoint at `path` (its tensors memory-mapped); UserError unless it is complete, with training state.
 
     With `sampler` (the training batches this run would make), also unless the checkpoint's batches
     are the same ones, so a position in its epoch means the same examples here.
@@ -96,6 +96,7 @@ def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> No
             raise no_saved_position(path.name)
         if changes := sampler.changes(saved):
             raise resume_refusal(path.name, changes)
+    return checkpoint
 
 
 def no_saved_position(checkpoint_name: str) -> UserError:

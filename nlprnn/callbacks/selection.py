@@ -21,7 +21,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from nlprnn.atomic import copy_file
+from nlprnn.errors import UserError
 
 MONITOR, TIE_BREAK = "val_acc", "val_loss"
 
@@ -80,7 +83,52 @@ class BestCheckpoint(ModelCheckpoint):
                 "patience": self.patience, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        saved_dir = state_dict.get("dirpath", self.dirpath)
+        if saved_dir == self.dirpath:
+            super().load_state_dict(state_dict)
+        else:
+            # Resumed in another folder (a checkpoint of another run, or a moved or renamed run folder). Lightning
+            # would forget the best score, so any next epoch would count as better, yet keep pointing at the old
+            # folder's best.ckpt, which calibration would then rewrite. The decision goes on; the file is this folder's.
+            self.adopt_best(state_dict, copy=rank_zero_only.rank == 0)
+            here = str(Path(self.dirpath) / Path(state_dict["best_model_path"]).name) if state_dict.get(
+                "best_model_path") else ""
+            self.best_model_score = state_dict["best_model_score"]
+            self.best_model_path = self.kth_best_model_path = here
+            self.kth_value = state_dict.get("kth_value", self.kth_value)
+            self.best_k_models = {here: self.best_model_score} if here else {}
+            self.current_score = state_dict.get("current_score")
         self.best_epoch = state_dict.get("best_epoch", -1)
         self.best_tie_break = state_dict.get("best_tie_break", math.inf)
         self.stopped_epoch = state_dict.get("stopped_epoch", -1)
+
+    def adopt_best(self, state_dict: dict[str, Any], copy: bool = True) -> None:
+        """Make this folder hold the best checkpoint that `state_dict` (saved in another folder) names.
+
+        A folder whose best.ckpt is of that best epoch (moved or renamed along with its run) is used as it is;
+        otherwise the old folder's file is copied here (with `copy`), so nothing is ever written to the other
+        run's folder. Raises UserError when the file is in neither, or when this folder holds another best.ckpt,
+        which a copy would overwrite.
+        """
+        saved = state_dict.get("best_model_path")
+        if not saved:
+            return
+        source, target = Path(saved), Path(self.dirpath) / Path(saved).name
+        if target.exists():
+            if checkpoint_epoch(target) == state_dict.get("best_epoch", checkpoint_epoch(target)):
+                return
+            raise UserError(f"cannot resume into {self.dirpath}: its {target.name} is not the best epoch the "
+                            "checkpoint names; resume into a new run folder (another --run_name)")
+        if not source.exists():
+            raise UserError(f"cannot resume: the checkpoint's best epoch was saved as {source}, which no longer "
+                            f"exists, and {self.dirpath} holds no {target.name}; copy it there, or start a new run")
+        if copy:
+            copy_file(source, target)
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file was saved in; None if it cannot be read."""
+    try:  # mmap: reads the small entries, not the weights
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("epoch")
+    except Exception:
+        return None

@@ -75,6 +75,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.splits: dict = {}
         self._meta: dict | None = None
+        self._prepared_dir: Path | None = None
         self.calibration: dict | None = None  # of the model's probabilities; set after training (nlprnn.fit)
 
     # --- what the data tells the model (read by LightningCLI.link_arguments) ---
@@ -143,7 +144,20 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def prepared_dir(self) -> Path:
-        """One cache entry per source, tokenizer and max_length."""
+        """One cache entry per source, tokenizer and max_length, fixed at its first use: a data file edited or
+        moved while the model trains does not move it (every checkpoint reads the tokenizer there)."""
+        if self._prepared_dir is None:
+            self._prepared_dir = self._cache_entry()
+        return self._prepared_dir
+
+    def source_unchanged(self) -> bool:
+        """Whether the data files are still the ones prepared (same paths, sizes and modification times)."""
+        try:
+            return self._cache_entry() == self.prepared_dir
+        except OSError:  # a file gone
+            return False
+
+    def _cache_entry(self) -> Path:
         key = {
             "format": PREPARED_FORMAT,
             "source": asdict(self.source),

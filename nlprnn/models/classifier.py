@@ -140,6 +140,19 @@ class TextClassifier(L.LightningModule):
             typical_length: the median token count of the training texts (linked from the data).
         """
         super().__init__()
+        probabilities = {"dropout": dropout, "embedding_dropout": embedding_dropout, "ngram_dropout": ngram_dropout,
+                         "label_smoothing": label_smoothing}
+        for name, p in probabilities.items():
+            if not 0.0 <= p < 1.0:
+                raise UserError(f"model.{name} is a probability in [0, 1): got {p}")
+        for name, size in (("embedding_dim", embedding_dim), ("ngram_buckets", ngram_buckets),
+                           ("recurrent_length", recurrent_length or 1)):  # 0 and None: no limit
+            if size < 1:
+                raise UserError(f"model.{name} must be at least 1: got {size}")
+        if ngram_dim is not None and ngram_dim < 0:
+            raise UserError(f"model.ngram_dim is a width, 0 (no n-gram bag) or more: got {ngram_dim}")
+        if not lr >= 0:  # 0 is allowed: a model that never changes
+            raise UserError(f"model.lr is a learning rate, 0 or more: got {lr}")
         if not 0.0 <= linear_blend < 1.0:
             raise UserError(f"model.linear_blend is the linear model's share of each prediction, in [0, 1): got {linear_blend}")
         if not linear_c > 0:

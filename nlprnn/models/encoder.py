@@ -9,11 +9,12 @@ sequences, so it exports to ONNX with dynamic batch and time axes and stays exac
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
+from nlprnn.errors import UserError
 from nlprnn.precision import recur
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
@@ -74,10 +75,17 @@ class RNNEncoder(nn.Module):
             residual: add each layer's input to its output where the widths match (helps deep stacks train).
         """
         super().__init__()
+        # UserErrors: these are options of nlprnn.fit (model.encoder.*), reported as one line there
+        if cell not in get_args(Cell):
+            raise UserError(f"model.encoder.cell {cell!r} is unknown; use rnn_tanh, rnn_relu, lstm or gru")
+        if direction not in get_args(Direction):
+            raise UserError(f"model.encoder.direction {direction!r} is unknown; use forward, reverse or bidirectional")
         if num_layers < 1:
-            raise ValueError("num_layers must be at least 1")
-        if direction not in ("forward", "reverse", "bidirectional"):
-            raise ValueError(f"unknown direction {direction!r}; use forward, reverse or bidirectional")
+            raise UserError(f"model.encoder.num_layers is a number of stacked layers, at least 1: got {num_layers}")
+        if hidden_size < 1:
+            raise UserError(f"model.encoder.hidden_size is a state width, at least 1: got {hidden_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"model.encoder.dropout is a probability in [0, 1): got {dropout}")
         self.cell = cell
         self.direction = direction
         self.hidden_size = hidden_size

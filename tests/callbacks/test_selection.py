@@ -9,6 +9,7 @@ from torch import nn
 
 from nlprnn.callbacks.last_checkpoint import LastCheckpoint
 from nlprnn.callbacks.selection import BestCheckpoint
+from nlprnn.errors import UserError
 
 
 class ScriptedValidation(L.LightningModule):
@@ -89,3 +90,48 @@ def test_the_best_epoch_and_its_loss_survive_a_resume(tmp_path):
 def test_without_patience_training_runs_its_whole_budget(tmp_path):
     best, trainer = train(tmp_path, [(0.9, 0.1)] + [(0.5, 0.9)] * 5)
     assert best.best_epoch == 0 and best.stopped_epoch == -1 and trainer.current_epoch == 6
+
+
+def resume(tmp_path, run_dir, checkpoint, curve):
+    """Continue the scripted run from `checkpoint` with a BestCheckpoint in `run_dir`."""
+    best = BestCheckpoint(run_dir)
+    trainer = L.Trainer(max_epochs=len(curve), callbacks=[best, LastCheckpoint(run_dir)], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ScriptedValidation(curve), ckpt_path=checkpoint)
+    return best
+
+
+CURVE = [(0.5, 0.9), (0.6, 0.8), (0.7, 0.7)]  # the best epoch is the last one, 2
+WORSE = [(0.6, 0.5), (0.65, 0.4)]  # the epochs after the resume: none of them better
+
+
+def test_a_resume_into_another_folder_keeps_the_best_epoch_and_copies_its_checkpoint(tmp_path):
+    train(tmp_path / "a", CURVE, last=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    best = resume(tmp_path, tmp_path / "b", tmp_path / "a" / "last.ckpt", CURVE + WORSE)
+    # the score came along, so the worse epochs after the resume did not count as better
+    assert best.best_epoch == 2 and best.best_model_score == pytest.approx(0.7)
+    assert best.best_model_path == str((tmp_path / "b" / "best.ckpt").resolve()) and saved_epoch(best) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # the other run's folder untouched
+
+
+def test_a_renamed_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
+    train(tmp_path / "a", CURVE, last=True)
+    (tmp_path / "a").rename(tmp_path / "renamed")
+    best = resume(tmp_path, tmp_path / "renamed", tmp_path / "renamed" / "last.ckpt", CURVE + WORSE)
+    assert best.best_epoch == 2 and best.best_model_score == pytest.approx(0.7)
+    assert best.best_model_path == str((tmp_path / "renamed" / "best.ckpt").resolve()) and saved_epoch(best) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_resume_whose_best_checkpoint_is_gone_or_would_be_overwritten_is_refused(tmp_path):
+    train(tmp_path / "a", CURVE, last=True)
+    state = torch.load(tmp_path / "a" / "last.ckpt", map_location="cpu", weights_only=False)
+    (saved,) = [s for k, s in state["callbacks"].items() if k.startswith("BestCheckpoint")]
+    train(tmp_path / "other", [(0.9, 0.1)])  # a best.ckpt of epoch 0, not the checkpoint's epoch 2
+    with pytest.raises(UserError, match="its best.ckpt is not the best epoch the checkpoint names"):
+        BestCheckpoint(tmp_path / "other").load_state_dict(saved)
+    (tmp_path / "a" / "best.ckpt").unlink()
+    with pytest.raises(UserError, match=r"a/best.ckpt, which no longer exists, and .*/b holds no best.ckpt"):
+        BestCheckpoint(tmp_path / "b").load_state_dict(saved)
+    assert not (tmp_path / "b").exists()

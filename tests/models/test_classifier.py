@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CELLS, DIRECTIONS, POOLINGS, STACKS
+from nlprnn.errors import UserError
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.models.encoder import RNNEncoder
 
@@ -143,3 +144,22 @@ def test_gradient_clipping_matches_clip_grad_norm_to_the_bit(scale):
 
     model.configure_gradient_clipping(optimizer, limit, "norm")
     assert all(torch.equal(p.grad, copy.grad) for p, copy in zip(model.parameters(), copies))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(dropout=1.5), r"model.dropout is a probability in \[0, 1\): got 1.5"),
+        (dict(embedding_dropout=-0.1), r"model.embedding_dropout is a probability in \[0, 1\): got -0.1"),
+        (dict(ngram_dropout=1.0), r"model.ngram_dropout is a probability in \[0, 1\): got 1.0"),
+        (dict(label_smoothing=1.0), r"model.label_smoothing is a probability in \[0, 1\): got 1.0"),
+        (dict(embedding_dim=0), "model.embedding_dim must be at least 1: got 0"),
+        (dict(ngram_buckets=0), "model.ngram_buckets must be at least 1: got 0"),
+        (dict(recurrent_length=-5), "model.recurrent_length must be at least 1: got -5"),
+        (dict(ngram_dim=-1), r"model.ngram_dim is a width, 0 \(no n-gram bag\) or more: got -1"),
+        (dict(lr=-0.001), "model.lr is a learning rate, 0 or more: got -0.001"),
+    ],
+)
+def test_an_impossible_setting_is_one_line_naming_its_option(setting, message):
+    with pytest.raises(UserError, match=message):
+        TextClassifier(vocab_size=10, num_classes=2, **setting)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from conftest import CELLS, DIRECTIONS, POOLINGS, STACKS
+from nlprnn.errors import UserError
 from nlprnn.models.encoder import RNNEncoder
 from nlprnn.models.pooling import Pooling
 
@@ -309,10 +310,17 @@ def test_output_dim_sizes_every_output(direction, width):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(num_layers=0), "num_layers"), (dict(direction="sideways"), "direction"), (dict(cell="transformer"), "cell")],
+    [
+        (dict(num_layers=0), "model.encoder.num_layers is a number of stacked layers, at least 1: got 0"),
+        (dict(direction="sideways"), "model.encoder.direction 'sideways' is unknown"),
+        (dict(cell="transformer"), "model.encoder.cell 'transformer' is unknown"),
+        (dict(hidden_size=0), "model.encoder.hidden_size is a state width, at least 1: got 0"),
+        (dict(dropout=1.0), r"model.encoder.dropout is a probability in \[0, 1\): got 1.0"),
+        (dict(dropout=-0.1), r"model.encoder.dropout is a probability in \[0, 1\): got -0.1"),
+    ],
 )
-def test_rejects_an_impossible_encoder(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_rejects_an_impossible_encoder_in_one_line(kwargs, message):
+    with pytest.raises(UserError, match=message):
         RNNEncoder(INPUT, **kwargs)
 
 

@@ -1,0 +1,52 @@
+"""--ckpt_path PATH into another run folder: the best checkpoint comes along, and the other folder is never written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nlprnn.fit import main
+from test_fit import TINY_MODEL
+
+
+def tiny(csv: Path, out: Path, run: str, *extra: str) -> list[str]:
+    return ["--data.train_file", str(csv), *TINY_MODEL, "--trainer.max_epochs", "2", "--trainer.logger", "false",
+            "--output_dir", str(out), "--run_name", run, *extra]
+
+
+def files(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Each file's content, inode and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+
+
+def best_state(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    (state,) = [s for k, s in checkpoint["callbacks"].items() if k.startswith("BestCheckpoint")]
+    return state
+
+
+def test_a_resume_into_a_new_folder_copies_the_best_checkpoint_and_leaves_the_other_run_alone(
+    tmp_path, tiny_csv, capsys
+):
+    out = tmp_path / "runs"
+    main(tiny(tiny_csv, out, "first"))
+    first = files(out / "first")
+    # The finished run's last.ckpt: nothing is left to train, so only calibration and the test touch best.ckpt.
+    main(tiny(tiny_csv, out, "second", "--ckpt_path", str(out / "first" / "last.ckpt")))
+    assert files(out / "first") == first  # not even rewritten with the same bytes
+    second = out / "second"
+    assert {"best.ckpt", "metrics.json", "config.yaml"} <= {p.name for p in second.iterdir()}
+    saved = torch.load(second / "best.ckpt", map_location="cpu", weights_only=False)
+    assert saved["epoch"] == best_state(out / "first" / "last.ckpt")["best_epoch"]
+
+    # Its best.ckpt gone, the resume is refused in one line before a folder is made.
+    (out / "first" / "best.ckpt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny(tiny_csv, out, "third", "--ckpt_path", str(out / "first" / "last.ckpt")))
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("nlprnn.fit: error: cannot resume: the checkpoint's best epoch was saved as ")
+    assert not (out / "third").exists()
