@@ -76,8 +76,8 @@ def test_words_past_max_length_are_left_out(short_predictor):
     assert explanation.words[0].contribution == pytest.approx(full - cut, abs=1e-5)
 
 
-def test_a_256_token_text_is_explained_in_one_model_call(predictor, monkeypatch):
-    words = [WORDS[i % len(WORDS)] for i in range(256)]
+def count_model_calls(predictor, monkeypatch) -> list[int]:
+    """The rows of each model call `predictor` makes from now on."""
     calls: list[int] = []
     run = predictor.session.run
 
@@ -86,20 +86,19 @@ def test_a_256_token_text_is_explained_in_one_model_call(predictor, monkeypatch)
         return run(outputs, feeds)
 
     monkeypatch.setattr(predictor.session, "run", counting_run)
+    return calls
+
+
+def test_a_256_token_text_is_explained_in_one_model_call(predictor, monkeypatch):
+    words = [WORDS[i % len(WORDS)] for i in range(256)]
+    calls = count_model_calls(predictor, monkeypatch)
     (explanation,) = predictor.explain([" ".join(words)])
     assert calls == [257]  # the text and one variant per word
     assert len(explanation.words) == 256
 
 
 def test_a_long_text_costs_one_call_of_at_most_max_length_variants(short_predictor, monkeypatch):
-    calls: list[int] = []
-    run = short_predictor.session.run
-
-    def counting_run(outputs, feeds):
-        calls.append(feeds["input_ids"].shape[0])
-        return run(outputs, feeds)
-
-    monkeypatch.setattr(short_predictor.session, "run", counting_run)
+    calls = count_model_calls(short_predictor, monkeypatch)
     (explanation,) = short_predictor.explain([" ".join(WORDS * 500)])
     assert calls == [5]  # the text and one variant per word read, however long the text
     assert [w.word for w in explanation.words] == WORDS[:4]
