@@ -35,12 +35,15 @@ try:  # the extra: pip install "nlprnn[ray]" (ray[data] brings pyarrow)
     import pyarrow.fs as pa_fs
     import ray
     import ray.data
+    from ray.data.datasource import FileBasedDatasource
 
     from nlprnn.deploy.tables import (
-        FORMATS, columns_of, csv_parse_options, output_format_of, refuse_clashing_columns, score_table,
+        FORMATS, columns_of, csv_parse_options, jsonl_batches, output_format_of, refuse_clashing_columns,
+        score_table, stream_lines,
     )
 except ImportError:  # pragma: no cover - the base install has neither; _require_ray says how to get them
     ray = None
+    FileBasedDatasource = object  # JsonLines is then never made: _require_ray refuses first
 
 if TYPE_CHECKING:
     from nlprnn.deploy.predictor import Predictor
@@ -118,6 +121,19 @@ def score_dataset(
     )
 
 
+class JsonLines(FileBasedDatasource):
+    """JSON lines read as `predict` reads them: a line that is not a JSON object, or whose text is not a string,
+    is skipped (Ray's own JSON reader fails the job on it), and bytes that are not UTF-8 become U+FFFD."""
+
+    def __init__(self, paths: list[str], text_column: str, **kwargs) -> None:
+        super().__init__(paths, **kwargs)
+        self.text_column = text_column
+
+    def _read_stream(self, f: pa.NativeFile, path: str):
+        for batch in jsonl_batches(stream_lines(f), path, self.text_column, on_malformed=None):
+            yield pa.Table.from_batches([batch])
+
+
 @dataclass(frozen=True)
 class Source:
     """An input checked on the driver: its files (in name order), their format and the first file's columns."""
@@ -167,7 +183,8 @@ def read_input(source: Source, text_column: str) -> ray.data.Dataset:
                                  convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False),
                                  **common)
     if source.format == "jsonl":
-        return ray.data.read_json(source.files, **common)
+        return ray.data.read_datasource(JsonLines(source.files, text_column, filesystem=source.filesystem,
+                                                  file_extensions=None), num_cpus=0)
     # Ray's newer Parquet reader (2.5x on) lists files in a task asking a whole CPU, which never comes while the
     # actors hold every CPU; the older reader honours num_cpus=0 throughout, so it is used while it exists.
     context = ray.data.DataContext.get_current()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
@@ -87,7 +87,7 @@ class InputFiles:
             elif self.format in ("csv", "tsv"):
                 yield from _csv_batches(file, self.format, self.text_column, on_malformed)
             elif self.format == "jsonl":
-                yield from _jsonl_batches(file, self.text_column, on_malformed)
+                yield from jsonl_batches(_binary_lines(file), file, self.text_column, on_malformed)
             else:
                 yield from _line_batches(file)
 
@@ -236,7 +236,7 @@ def columns_of(file: str | Path, fmt: str, filesystem: pa_fs.FileSystem | None =
             if fmt in ("csv", "tsv"):
                 convert = pa_csv.ConvertOptions(check_utf8=False)
                 return pa_csv.open_csv(stream, parse_options=csv_parse_options(fmt), convert_options=convert).schema.names
-            for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+            for line in io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace"):  # -sig: a BOM is not text
                 if line.strip():
                     record = json.loads(line)
                     return list(record) if isinstance(record, dict) else []
@@ -302,11 +302,14 @@ def _csv_batches(
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
 
 
-def _jsonl_batches(file: Path, text_column: str, on_malformed: Callable[[str], None] | None) -> Iterator[pa.RecordBatch]:
-    """JSON objects, one per line, parsed here so that one bad line costs only itself (as does a text that is not a string)."""
+def jsonl_batches(
+    lines: Iterable[bytes], file: str | Path, text_column: str, on_malformed: Callable[[str], None] | None
+) -> Iterator[pa.RecordBatch]:
+    """The JSON objects of `lines` (those of `file`), parsed here so that one bad line costs only itself, as does
+    a text that is not a string: it is skipped and passed to `on_malformed`."""
     schema: pa.Schema | None = None
     records: list[dict] = []
-    for number, line in enumerate(_binary_lines(file), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -335,7 +338,7 @@ def _jsonl_batches(file: Path, text_column: str, on_malformed: Callable[[str], N
         yield _records_batch(records, schema, file)[1]
 
 
-def _records_batch(records: list[dict], schema: pa.Schema | None, file: Path) -> tuple[pa.Schema, pa.RecordBatch]:
+def _records_batch(records: list[dict], schema: pa.Schema | None, file: str | Path) -> tuple[pa.Schema, pa.RecordBatch]:
     try:
         batch = pa.RecordBatch.from_pylist(records)
         if schema is None:
@@ -371,14 +374,33 @@ def _line_batches(file: Path) -> Iterator[pa.RecordBatch]:
 def _binary_lines(file: Path) -> Iterator[bytes]:
     try:
         with open(file, "rb") as f:
-            first = True
-            for line in f:
-                if first and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
-                    line = line[3:]
-                first = False
-                yield line
+            yield from _without_byte_order_mark(f)
     except OSError as err:
         raise UserError(f"cannot read {file}: {err.strerror}") from None
+
+
+def stream_lines(stream: pa.NativeFile, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a pyarrow stream (a local or remote file), each ending in its newline, as `_binary_lines`
+    gives a local file's; pyarrow's streams cannot read lines themselves."""
+
+    def split() -> Iterator[bytes]:
+        rest = b""
+        while block := stream.read(block_bytes):
+            *lines, rest = (rest + block).split(b"\n")
+            yield from (line + b"\n" for line in lines)
+        if rest:
+            yield rest
+
+    return _without_byte_order_mark(split())
+
+
+def _without_byte_order_mark(lines: Iterable[bytes]) -> Iterator[bytes]:
+    first = True
+    for line in lines:
+        if first and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+            line = line[3:]
+        first = False
+        yield line
 
 
 def _count_lines(file: Path) -> int:

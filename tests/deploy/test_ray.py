@@ -140,6 +140,21 @@ def test_two_actors_share_the_rows_of_a_folder_of_parts(suffix, cluster, bundle,
     assert_same_rows(table.drop_columns(["pid"]), single_process)
 
 
+def test_json_lines_are_read_as_predict_reads_them(cluster, bundle, tmp_path):
+    """Bad lines cost only themselves, as in predict: Ray's own JSON reader would fail the whole job on one."""
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "good movie"}\n{"id": 2, "text": "bad \xff bytes"}\n'
+                      b'{"id": 3, "text": null}\nnot json\n\n[1, 2]\n{"id": 6, "text": 5}\n{"id": 7, "text": "awful plot"}')
+    expected = tmp_path / "single"
+    predict.main([str(bundle), "--input", str(jsonl), "--output", str(expected), "--threads", "1"])
+    output = tmp_path / "scores"
+    ray_scoring.main([str(bundle), "--input", str(jsonl), "--output", str(output)])
+    got, want = read_folder(output), read_folder(expected)
+    assert got.column("id").to_pylist() == [1, 2, 3, 7]
+    assert got.column("text").to_pylist()[1] == "bad \ufffd bytes"
+    assert_same_rows(got, want)
+
+
 def test_a_missing_text_column_is_one_line_before_anything_is_written(bundle, csv_input, tmp_path, capsys):
     output = tmp_path / "scores"
     with pytest.raises(SystemExit) as exit:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nlprnn.deploy import Predictor
+from nlprnn.deploy.tables import _binary_lines, stream_lines
 from nlprnn.predict import main
 
 from deploy.tiny_bundles import LABELS, WORDS, build_bundle
@@ -165,6 +166,16 @@ def test_bad_rows_are_counted_not_fatal(bundle, tmp_path, capsys):
     counts = summary(tmp_path / "jsonl-out")
     assert (counts["rows"], counts["scored"], counts["empty"], counts["undecodable"], counts["malformed_skipped"]) \
         == (5, 3, 2, 1, 2)  # "not json", and a text that is a number
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 1 << 20])
+def test_a_pyarrow_stream_splits_into_the_lines_a_local_file_gives(block_bytes, tmp_path):
+    data = b'\xef\xbb\xbf{"a": 1}\r\n\n{"a": "\xff"}\nnot json\n{"a": 3}'  # a byte-order mark, no last newline
+    (tmp_path / "in.jsonl").write_bytes(data)
+    with pa.OSFile(str(tmp_path / "in.jsonl")) as stream:
+        lines = list(stream_lines(stream, block_bytes))
+    assert lines == [b'{"a": 1}\r\n', b"\n", b'{"a": "\xff"}\n', b"not json\n", b'{"a": 3}']
+    assert lines == list(_binary_lines(tmp_path / "in.jsonl"))
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
