@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar, Timer, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -133,8 +133,9 @@ class FitCLI(LightningCLI):
             raise UserError(f"the trainer settings cannot be used: {first_line(err)}") from None
 
     # The values that leave each length unset, per key: max_steps=-1 is the Trainer's "unset", while an explicit
-    # max_epochs of -1 (no limit) or 0 is a choice.
-    OPEN_BUDGET = {"max_epochs": (None,), "max_steps": (None, -1), "max_time": (None,), "fast_dev_run": (None, False)}
+    # max_epochs of -1 (no limit) or 0 is a choice. max_time is not a length but a cap beside the derived one
+    # (the run stops at whichever comes first): it bounds a run on a slow machine and keeps early stopping.
+    OPEN_BUDGET = {"max_epochs": (None,), "max_steps": (None, -1), "fast_dev_run": (None, False)}
 
     @classmethod
     def budget_left_open(cls, trainer_config) -> bool:
@@ -233,6 +234,10 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return {"best_val_acc": float("nan") if score is None else float(score)}
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if best is None and timer is not None and timer.time_remaining() <= 0:  # else weights never validated are tested
+        raise UserError(f"--trainer.max_time {cli.config_init.trainer.get('max_time')} ended training before its first "
+                        "validation: there is no checkpoint to test; allow at least one epoch")
     if cli.config.calibrate:
         calibrate(cli, trainer.checkpoint_callback.best_model_path if best else None)
     results = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)

@@ -91,3 +91,22 @@ def test_explicit_settings_win_over_derived_ones(tmp_path):
     assert next(v for k, v in state["callbacks"].items() if "BestCheckpoint" in k)["patience"] is None
     assert json.loads((run_dir / "tokenizer.json").read_text())["truncation"]["max_length"] == 40
     assert state["epoch"] == 2  # the third epoch, counted from 0: the three asked for, no more and no fewer
+
+
+def test_a_time_limit_caps_the_derived_budget_without_replacing_it(tmp_path):
+    data = write_csv(tmp_path / "short.csv", make_texts(200, 6))
+    log, state, _ = run(tmp_path, data, "--trainer.max_time", "00:00:00:05")
+    assert f"trainer.max_epochs = {epoch_budget(160, 16).value} (derived: " in log
+    assert f"early stopping patience = {patience_for(160, 16).value} (derived: " in log
+
+
+def test_a_time_limit_that_ends_training_before_any_validation_is_one_line(tmp_path):
+    data = write_csv(tmp_path / "short.csv", make_texts(200, 6))
+    proc = fit("--data.train_file", str(data), *TINY_MODEL, "--trainer.logger", "false", "--baseline", "false",
+               "--model.pretrained_vectors", "null", "--data.tokenizer.vector_words", "null",
+               "--output_dir", str(tmp_path / "runs"), "--trainer.max_time", "00:00:00:00", cwd=tmp_path)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("nlprnn.fit: error: --trainer.max_time 00:00:00:00 ended training before its first "
+                            "validation")
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))  # nothing was tested

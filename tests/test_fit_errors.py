@@ -115,7 +115,7 @@ def test_resuming_with_other_model_settings_is_one_line_and_changes_nothing(tmp_
         ({"max_epochs": 3}, False),
         ({"max_steps": 0}, False),
         ({"max_steps": 200}, False),
-        ({"max_time": "00:00:10:00"}, False),
+        ({"max_time": "00:00:10:00"}, True),  # a cap beside the derived length, not a length
         ({"fast_dev_run": True}, False),
     ],
 )
