@@ -46,6 +46,12 @@ def head_and_tail(input_ids: torch.Tensor, lengths: torch.Tensor, length: int, t
     return input_ids.gather(1, positions + skipped * (positions >= length - tail)), lengths.clamp(max=length)
 
 
+def blend(network: torch.Tensor, linear: torch.Tensor, share: float) -> torch.Tensor:
+    """log((1 - share) p_network + share p_linear) from the two models' logits, without underflow."""
+    return torch.stack([network.float().log_softmax(-1) + math.log(1 - share),
+                        linear.log_softmax(-1) + math.log(share)]).logsumexp(0)
+
+
 class TextClassifier(L.LightningModule):
     def __init__(
         self,
@@ -214,10 +220,7 @@ class TextClassifier(L.LightningModule):
         network = self.head(torch.cat(self.branches(input_ids, lengths), dim=-1))
         if self.linear is None:
             return network, None
-        share = self.hparams.linear_blend
-        parts = torch.stack([network.float().log_softmax(-1) + math.log(1 - share),
-                             self.linear(input_ids, lengths).log_softmax(-1) + math.log(share)])
-        return network, parts.logsumexp(0)  # log((1 - share) p_network + share p_linear), without underflow
+        return network, blend(network, self.linear(input_ids, lengths), self.hparams.linear_blend)
 
     @property
     def selection_metrics(self) -> tuple[str, str]:
