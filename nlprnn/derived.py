@@ -22,9 +22,9 @@ LONG_TEXT_TOKENS = 64  # a median length from which texts count as documents rat
 NGRAM_DIM = 64  # width of the n-gram bag the model reads beside its recurrence on documents
 
 TARGET_STEPS = 1500  # optimizer steps a run aims for, whatever the size of its data
-# 30: a bbc-news epoch (1.7k documents) takes 15-18 s on 2 cores of an AVX-512 CPU, so even a run that never
-# stops early ends within 10 minutes; at 40 one took 11. On an AVX2-only CPU an epoch takes 43 s: --trainer.max_time
-# caps such a run without replacing this budget.
+# 30: a bbc-news epoch (1.7k documents) takes 15-18 s on 2 cores of an AVX-512 AMD EPYC, so even a run that never
+# stops early ends within 10 minutes; at 40 one took 11. Other CPUs are slower (21 s on an AVX-512 Intel Xeon, 43 s
+# on an AVX2-only EPYC): --trainer.max_time caps such a run without replacing this budget.
 MIN_EPOCHS, MAX_EPOCHS = 4, 30
 PATIENCE_STEPS = 250  # optimizer steps without a better validation epoch before training stops
 MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS = 4, 10  # in whole epochs; at most a third of MAX_EPOCHS
