@@ -8,8 +8,8 @@ regression of `nlprnn.models.linear` is fitted to the run's training split, prep
 prepares it, and the held-out fold is scored by the run's network alone (its best checkpoint), by the linear model
 alone, and by their blend at each share asked for. A run trained with the blend would have kept the same network:
 the linear model is fitted by scikit-learn, which draws nothing from torch's random state, and the best checkpoint
-follows the network's own validation figures. Counts of held-out examples right, per dataset and seed, go to the console
-and to <runs_dir>/blend_rescore.json.
+follows the network's own validation figures. Counts of held-out examples right, per dataset and seed, go to the
+console and to <runs_dir>/blend_rescore.json.
 """
 
 from __future__ import annotations
