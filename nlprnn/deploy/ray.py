@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -121,16 +122,41 @@ def score_dataset(
     )
 
 
+class SkippedRows:
+    """Counts the malformed rows the read tasks skip, wherever in the cluster they run (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.count, self.example = 0, None
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        self.example = self.example or message
+
+    def summary(self) -> tuple[int, str | None]:
+        return self.count, self.example
+
+
+def start_skipped_rows() -> ray.actor.ActorHandle:
+    return ray.remote(num_cpus=0)(SkippedRows).remote()  # no CPU: the scoring actors may hold them all
+
+
+def _reporter(skipped: ray.actor.ActorHandle | None) -> Callable[[str], None] | None:
+    """A read task's `on_malformed`: waits for the count to take the row, so that it is in before the job ends."""
+    return None if skipped is None else lambda message: ray.get(skipped.add.remote(message))
+
+
 class JsonLines(FileBasedDatasource):
     """JSON lines read as `predict` reads them: a line that is not a JSON object, or whose text is not a string,
     is skipped (Ray's own JSON reader fails the job on it), and bytes that are not UTF-8 become U+FFFD."""
 
-    def __init__(self, paths: list[str], text_column: str, **kwargs) -> None:
+    def __init__(self, paths: list[str], text_column: str, skipped: ray.actor.ActorHandle | None = None,
+                 **kwargs) -> None:
         super().__init__(paths, **kwargs)
         self.text_column = text_column
+        self.skipped = skipped
 
     def _read_stream(self, f: pa.NativeFile, path: str):
-        for batch in jsonl_batches(stream_lines(f), path, self.text_column, on_malformed=None):
+        for batch in jsonl_batches(stream_lines(f), path, self.text_column, on_malformed=_reporter(self.skipped)):
             yield pa.Table.from_batches([batch])
 
 
@@ -169,21 +195,26 @@ def open_source(path: str, text_column: str) -> Source:
     return Source(filesystem, files, fmt, columns)
 
 
-def read_input(source: Source, text_column: str) -> ray.data.Dataset:
+def read_input(source: Source, text_column: str, skipped: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
     """The rows of `source` as a Ray dataset, in file order; CSV columns as text, so ids keep their zeros.
 
-    The read tasks reserve no CPU: the scoring actors hold the CPUs, and a read waiting for one of them
-    would wait for ever when the actors fill the cluster.
+    A malformed row (a CSV row with the wrong number of fields, a JSON line that is not an object or whose text
+    is not a string) is skipped and, given `skipped` (from `start_skipped_rows`), counted there. The read tasks
+    reserve no CPU: the scoring actors hold the CPUs, and a read waiting for one of them would wait for ever
+    when the actors fill the cluster.
     """
     common = dict(filesystem=source.filesystem, num_cpus=0, file_extensions=None)
     if source.format in ("csv", "tsv"):
         # As nlprnn.predict reads them: every column a string, texts as bytes decoded leniently by score_table.
         types = {name: pa.string() for name in source.columns} | {text_column: pa.binary()}
-        return ray.data.read_csv(source.files, parse_options=csv_parse_options(source.format),
+        report = _reporter(skipped)
+        on_malformed = None if report is None else (
+            lambda row: report(f"a row of {row.actual_columns} fields, not {row.expected_columns}"))
+        return ray.data.read_csv(source.files, parse_options=csv_parse_options(source.format, on_malformed),
                                  convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False),
                                  **common)
     if source.format == "jsonl":
-        return ray.data.read_datasource(JsonLines(source.files, text_column, filesystem=source.filesystem,
+        return ray.data.read_datasource(JsonLines(source.files, text_column, skipped, filesystem=source.filesystem,
                                                   file_extensions=None), num_cpus=0)
     # Ray's newer Parquet reader (2.5x on) lists files in a task asking a whole CPU, which never comes while the
     # actors hold every CPU; the older reader honours num_cpus=0 throughout, so it is used while it exists.
@@ -248,13 +279,18 @@ def main(args: list[str] | None = None) -> None:
         try:
             _warn_if_too_few_cpus(options.workers * options.threads_per_worker)
             ray.data.DataContext.get_current().execution_options.preserve_order = True
-            dataset = score_dataset(read_input(source, options.text_column), options.bundle, options.text_column,
-                                    options.workers, options.threads_per_worker, options.batch_size)
+            skipped = start_skipped_rows()
+            dataset = score_dataset(read_input(source, options.text_column, skipped), options.bundle,
+                                    options.text_column, options.workers, options.threads_per_worker,
+                                    options.batch_size)
             write_output(dataset, options.output, output_format)
+            count, example = ray.get(skipped.summary.remote())
         finally:
             if started:
                 ray.shutdown()
         print(f"wrote the scored rows of {options.input} to {options.output} ({output_format})", file=sys.stderr)
+        if count:
+            print(f"{count:,} malformed rows were skipped (for example: {example})", file=sys.stderr)
 
 
 def _require_ray() -> None:

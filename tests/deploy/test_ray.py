@@ -140,7 +140,7 @@ def test_two_actors_share_the_rows_of_a_folder_of_parts(suffix, cluster, bundle,
     assert_same_rows(table.drop_columns(["pid"]), single_process)
 
 
-def test_json_lines_are_read_as_predict_reads_them(cluster, bundle, tmp_path):
+def test_json_lines_are_read_as_predict_reads_them(cluster, bundle, tmp_path, capsys):
     """Bad lines cost only themselves, as in predict: Ray's own JSON reader would fail the whole job on one."""
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "good movie"}\n{"id": 2, "text": "bad \xff bytes"}\n'
@@ -153,6 +153,16 @@ def test_json_lines_are_read_as_predict_reads_them(cluster, bundle, tmp_path):
     assert got.column("id").to_pylist() == [1, 2, 3, 7]
     assert got.column("text").to_pylist()[1] == "bad \ufffd bytes"
     assert_same_rows(got, want)
+    assert "\n3 malformed rows were skipped (for example: line " in capsys.readouterr().err  # not the blank line
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_are_skipped_and_counted(cluster, bundle, tmp_path, capsys):
+    rows = tmp_path / "in.csv"
+    rows.write_text('id,text\n1,good movie\n2,bad,extra field\n3,awful plot\n4\n5,"a, quoted text"\n')
+    output = tmp_path / "scores"
+    ray_scoring.main([str(bundle), "--input", str(rows), "--output", str(output)])
+    assert read_folder(output).column("id").to_pylist() == ["1", "3", "5"]
+    assert "\n2 malformed rows were skipped (for example: a row of " in capsys.readouterr().err
 
 
 def test_a_missing_text_column_is_one_line_before_anything_is_written(bundle, csv_input, tmp_path, capsys):
