@@ -47,6 +47,8 @@ TRIAL_OWNED = ("run_name", "ckpt_path")
 BASE_CONFIG_ATTR, SEARCHED_ATTR = "base_config_sha256", "searched"
 # Left out of that digest too: set per trial by nlprnn.tune, or loading parallelism, which may differ per machine.
 NOT_COMPARED = ("run_name", "ckpt_path", "output_dir", "trainer.devices", "data.num_workers", "data.num_proc")
+# How long a search waits for the process that created a study to write its base configuration.
+CLAIM_WAIT_S = 10
 
 
 class TrialInterrupted(Exception):
@@ -425,16 +427,23 @@ class Search:
                   if self.options.pruner == "median" else optuna.pruners.NopPruner())
         # listed before the study is read: a trial is stored before fit makes its folder, so none of these is new
         folders = [p.name for p in self.trials_dir.glob("trial-*") if p.is_dir() and any(p.iterdir())]
+        created = False
         try:
             study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
         except KeyError:
             self.refuse_old_folders(folders, started=[])
-            study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize",
-                                        pruner=pruner, load_if_exists=True)  # another process may have just made it
+            try:  # the database lets one process create a study of this name: that one writes its configuration
+                study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize",
+                                            pruner=pruner)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:  # another process made it in between
+                study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
         trials = study.get_trials(deepcopy=False)
         self.check_space(trials)
         self.refuse_old_folders(folders, started=[t for t in trials if t.datetime_start is not None])
         searched = [dim.path for dim in self.space]
+        if not created and not trials:
+            self.wait_for_base_config(study)
         if BASE_CONFIG_ATTR not in study.user_attrs:  # new, or made outside nlprnn.tune: it takes this configuration
             study.set_user_attr(SEARCHED_ATTR, searched)
             study.set_user_attr(BASE_CONFIG_ATTR, self.configs.base_digest(searched))
@@ -445,6 +454,14 @@ class Search:
                             "(--config and fit flags); give this search another --study_name, or run it with the "
                             "study's own configuration")
         return study
+
+    def wait_for_base_config(self, study) -> None:
+        """A study without trials may have just been created by another process, which writes its base
+        configuration next: wait for it, so that a search with another configuration is refused rather than
+        taking the study over. A study made outside nlprnn.tune never gets one, and is taken after the wait."""
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while BASE_CONFIG_ATTR not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def check_space(self, trials) -> None:
         """Optuna cannot change a parameter's kind, log scale or categorical choices within a study."""

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -325,3 +327,39 @@ def test_a_study_started_over_is_told_to_delete_the_old_trial_folders(tmp_path, 
     shutil.rmtree(out / "trials" / "tiny-space")
     search(tmp_path, tiny_csv, space=GOOD_SPACE)
     assert [r["state"] for r in read_trials(out)] == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_study_another_search_has_just_created_is_refused_if_its_configuration_differs(tmp_path, tiny_csv,
+                                                                                         stand_in_fit, monkeypatch,
+                                                                                         capfd):
+    """Between creating a study and writing its base configuration, another search may load it: that search waits
+    for the configuration, rather than taking the study over with its own."""
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.create_study(study_name="tiny-space", storage=storage, direction="maximize")
+
+    def the_creator_writes_its_configuration():
+        time.sleep(0.5)
+        study.set_user_attr(tune.SEARCHED_ATTR, ["model.lr", "model.dropout"])
+        study.set_user_attr(tune.BASE_CONFIG_ATTR, "the digest of another base configuration")
+
+    creator = threading.Thread(target=the_creator_writes_its_configuration)
+    load_study = optuna.load_study
+
+    def load_while_the_creator_is_between_its_two_writes(**kwargs):
+        loaded = load_study(**kwargs)
+        creator.start()
+        return loaded
+
+    monkeypatch.setattr(optuna, "load_study", load_while_the_creator_is_between_its_two_writes)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv)
+    creator.join()
+    assert stop.value.code == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("nlprnn.tune: error:")]
+    assert errors == [f"nlprnn.tune: error: study tiny-space in {storage} was run with another base configuration "
+                      "(--config and fit flags); give this search another --study_name, or run it with the "
+                      "study's own configuration"]
+    assert study.trials == [] and not (out / "trials").exists()
