@@ -68,6 +68,10 @@ class Job:
     output_format: str = "parquet"
     rows_per_part: int = ROWS_PER_PART
 
+    def __post_init__(self) -> None:  # paths may come as strings from Python
+        for name in ("bundle", "input", "output"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+
     def part_file(self, part: int) -> Path:
         return self.output / f"part-{part:05d}.{self.output_format}"
 
@@ -86,7 +90,7 @@ def score_files(
 
     Progress and the summary go to standard error unless `quiet`.
     """
-    from nlprnn.deploy.tables import open_input, refuse_clashing_columns
+    from nlprnn.deploy.tables import open_input, refuse_clashing_columns, refuse_unwritable
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
@@ -96,6 +100,7 @@ def score_files(
     bundle = read_bundle(job.bundle)
     source = open_input(job.input, job.text_column)
     refuse_clashing_columns(bundle.labels, source.columns)
+    refuse_unwritable(source, job.output_format)
     with _locked_output(job.output):
         record = job_record(job, source, bundle.root)
         _start_or_resume(job, record)
@@ -110,9 +115,9 @@ def score_files(
         started = time.monotonic()
         with _stopped_by_signals():
             if workers == 1:
-                read = score_parts(job, 0, 1, threads, batch_size, done, meter.part_done)
+                read = score_parts(job, source, 0, 1, threads, batch_size, done, meter.part_done)
             else:
-                read = _score_in_processes(job, workers, threads, batch_size, done, meter)
+                read = _score_in_processes(job, source, workers, threads, batch_size, done, meter)
         summary = _finish(job, read, time.monotonic() - started)
         meter.close()
         _say(progress, _summary_line(job, summary))
@@ -134,6 +139,7 @@ def job_record(job: Job, source: InputFiles, bundle_folder: Path) -> dict:
 
 def score_parts(
     job: Job,
+    source: InputFiles,
     worker: int,
     workers: int,
     threads: int,
@@ -143,10 +149,9 @@ def score_parts(
 ) -> dict:
     """Score this worker's parts that are not done; how many rows the input has and how many were malformed."""
     from nlprnn.deploy.predictor import Predictor
-    from nlprnn.deploy.tables import open_input, score_table, write_table
+    from nlprnn.deploy.tables import score_table, write_table
 
     predictor = Predictor(job.bundle, batch_size=batch_size, threads=threads)
-    source = open_input(job.input, job.text_column)
     malformed: list[str] = []
     rows = 0
     mine = lambda part: part % workers == worker and part not in done  # noqa: E731
@@ -186,14 +191,15 @@ def _table(batches: list) -> object:
 
 
 def _score_in_processes(
-    job: Job, workers: int, threads: int, batch_size: int, done: frozenset[int], meter: Progress
+    job: Job, source: InputFiles, workers: int, threads: int, batch_size: int, done: frozenset[int], meter: Progress
 ) -> dict:
     """Run `score_parts` in `workers` spawned processes; the first failure stops them all."""
     context = multiprocessing.get_context("spawn")  # a fork would copy onnxruntime's threads in a broken state
     messages = context.SimpleQueue()
     with _environment(RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads)):  # tokenizers' pool
-        processes = [context.Process(target=_worker, args=(job, w, workers, threads, batch_size, done, messages),
-                                     name=f"nlprnn-score-{w}", daemon=True) for w in range(workers)]
+        processes = [context.Process(target=_worker, name=f"nlprnn-score-{w}", daemon=True,
+                                     args=(job, source, w, workers, threads, batch_size, done, messages))
+                     for w in range(workers)]
         for process in processes:
             process.start()
     results: dict[int, dict] = {}
@@ -219,12 +225,12 @@ def _score_in_processes(
     return results[0]
 
 
-def _worker(job, worker, workers, threads, batch_size, done, messages) -> None:
+def _worker(job, source, worker, workers, threads, batch_size, done, messages) -> None:
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and schedulers signal the whole group; the parent decides
         signal.signal(sig, signal.SIG_IGN)
     try:
-        read = score_parts(job, worker, workers, threads, batch_size, done,
+        read = score_parts(job, source, worker, workers, threads, batch_size, done,
                            lambda part, rows: messages.put(("part", worker, (part, rows))))
         messages.put(("done", worker, read))
     except UserError as err:

@@ -6,6 +6,7 @@ both give the same columns for the same rows. Needs pyarrow: `pip install "nlprn
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from nlprnn.deploy.inputs import clean_text
 from nlprnn.errors import UserError, first_line
 
 try:
@@ -35,6 +37,7 @@ LABEL_COLUMN = "predicted_label"
 PROBABILITY_PREFIX = "probability_"
 BATCH_ROWS = 8192  # rows per record batch read: bounded memory whatever the file size
 TEXT_LINES_COLUMN = "text"  # the one column of a .txt input
+COLUMNS_SAMPLE = 1000  # JSON objects whose fields `columns_of` reads
 UNDECODABLE = "\0undecodable"  # marks JSON lines whose bytes were replaced; counted and dropped by score_table
 
 
@@ -72,7 +75,8 @@ class InputFiles:
     files: tuple[Path, ...]
     format: str
     text_column: str
-    columns: tuple[str, ...]  # of the first file (of its first line, for JSON lines)
+    columns: tuple[str, ...]  # of the first file (of every line of every file, for JSON lines)
+    schema: pa.Schema | None = None  # JSON lines: of every line, which each batch is given; Parquet: the first file's
 
     def batches(self, on_malformed: Callable[[str], None] | None = None) -> Iterator[pa.RecordBatch]:
         """Every row of every file in order, in record batches of at most BATCH_ROWS rows.
@@ -87,7 +91,7 @@ class InputFiles:
             elif self.format in ("csv", "tsv"):
                 yield from _csv_batches(file, self.format, self.text_column, on_malformed)
             elif self.format == "jsonl":
-                yield from jsonl_batches(_binary_lines(file), file, self.text_column, on_malformed)
+                yield from jsonl_batches(_binary_lines(file), file, self.text_column, on_malformed, self.schema)
             else:
                 yield from _line_batches(file)
 
@@ -118,19 +122,59 @@ def open_input(path: str | Path, text_column: str) -> InputFiles:
     fmt = FORMATS[files[0].suffix.lower()]
     if fmt == "txt":
         text_column = TEXT_LINES_COLUMN
+    if fmt == "jsonl":
+        schema = jsonl_schema(files, text_column)
+        return InputFiles(tuple(files), fmt, text_column, tuple(schema.names[:-1]), schema)  # less UNDECODABLE
     first_columns = columns_of(files[0], fmt)
     for file in files[1:]:
-        if (columns := columns_of(file, fmt)) != first_columns and fmt != "jsonl":
+        if (columns := columns_of(file, fmt)) != first_columns:
             raise UserError(f"{file} has columns {columns} but {files[0]} has {first_columns}; parts must agree")
     if text_column not in first_columns:
         raise UserError(
             f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, first_columns))}); "
             "name the text column with --text_column"
         )
-    if fmt == "parquet" and not _holds_text(kind := pq.read_schema(files[0]).field(text_column).type):
+    schema = pq.read_schema(files[0]) if fmt == "parquet" else None
+    if schema is not None and not _holds_text(kind := schema.field(text_column).type):
         raise UserError(f"column {text_column!r} of {files[0]} holds {kind}, not text; name the text column "
                         "with --text_column")
-    return InputFiles(tuple(files), fmt, text_column, tuple(first_columns))
+    return InputFiles(tuple(files), fmt, text_column, tuple(first_columns), schema)
+
+
+def jsonl_schema(files: list[Path], text_column: str) -> pa.Schema:
+    """The columns and types of every JSON line of `files`, found in one pass before any row is scored (as Spark
+    does), so that every part gets the same columns and types, and a field whose types cannot be joined, or a
+    file none of whose lines has the text field, is one line before anything is written. Its last column is
+    UNDECODABLE."""
+    schema = None
+    for file in files:
+        own = None  # this file's alone: each file must name the text field somewhere
+        for batch in jsonl_batches(_binary_lines(file), file, text_column, on_malformed=None):
+            own = batch.schema
+        if own is None:  # blank, or only lines that are skipped as malformed
+            continue
+        if text_column not in own.names:
+            fields = ", ".join(repr(name) for name in own.names if name != UNDECODABLE)
+            raise UserError(f"no line of {file} has a field {text_column!r} (its lines have {fields}); name the "
+                            "text field with --text_column")
+        try:
+            schema = own if schema is None else _unified(schema, own)
+        except (pa.ArrowException, TypeError, ValueError) as err:
+            raise _type_changes(file, err) from None
+    if schema is None:  # nothing to score
+        return pa.schema([(text_column, pa.string()), (UNDECODABLE, pa.bool_())])
+    return schema.remove(schema.get_field_index(UNDECODABLE)).append(schema.field(UNDECODABLE))
+
+
+def refuse_unwritable(source: InputFiles, output_format: str) -> None:
+    """One line, before anything is written, when an input column is nested (a JSON object or list, a Parquet
+    struct or list) and the output is CSV, which holds flat values only."""
+    if output_format != "csv" or source.schema is None:
+        return
+    for field in source.schema:
+        if pa.types.is_nested(field.type):
+            raise UserError(f"column {field.name!r} of {source.files[0]} holds {field.type}, which CSV cannot hold; "
+                            "write Parquet or JSON lines (--output_format)")
 
 
 def decode_texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], int]:
@@ -221,7 +265,7 @@ def _readable() -> str:
 
 
 def columns_of(file: str | Path, fmt: str, filesystem: pa_fs.FileSystem | None = None) -> list[str]:
-    """The column names of `file`: the CSV header, the Parquet schema, or the keys of the first JSON line.
+    """The column names of `file`: the CSV header, the Parquet schema, or the fields of its first JSON objects.
 
     `filesystem` reads remote files (S3, GCS...); by default `file` is a local path.
     """
@@ -236,11 +280,16 @@ def columns_of(file: str | Path, fmt: str, filesystem: pa_fs.FileSystem | None =
             if fmt in ("csv", "tsv"):
                 convert = pa_csv.ConvertOptions(check_utf8=False)
                 return pa_csv.open_csv(stream, parse_options=csv_parse_options(fmt), convert_options=convert).schema.names
+            keys: dict[str, None] = {}  # the fields of the first objects, in order; lines that are not are skipped
+            objects = 0
             for line in io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace"):  # -sig: a BOM is not text
-                if line.strip():
-                    record = json.loads(line)
-                    return list(record) if isinstance(record, dict) else []
-            return []
+                with contextlib.suppress(ValueError):
+                    if line.strip() and isinstance(record := json.loads(line), dict):
+                        keys.update(dict.fromkeys(record))
+                        objects += 1
+                        if objects == COLUMNS_SAMPLE:
+                            break
+            return list(keys)
     except (OSError, pa.ArrowException, ValueError) as err:
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
 
@@ -292,22 +341,38 @@ def _csv_batches(
     file: Path, fmt: str, text_column: str, on_malformed: Callable[[str], None] | None
 ) -> Iterator[pa.RecordBatch]:
     names = columns_of(file, fmt)
-    types = {name: pa.string() for name in names} | {text_column: pa.binary()}  # texts are decoded leniently
-    convert = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False)
+    # read as bytes, decoded here: the text by score_table, counted; the others at once, each bad byte a U+FFFD
+    convert = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary()), strings_can_be_null=False)
     try:
         for batch in _csv_reader(file, fmt, convert, on_malformed):
+            batch = pa.RecordBatch.from_arrays(
+                [column if name == text_column else _lenient_strings(column)
+                 for name, column in zip(batch.schema.names, batch.columns)], names=batch.schema.names)
             for start in range(0, batch.num_rows, BATCH_ROWS):
                 yield batch.slice(start, BATCH_ROWS)
     except pa.ArrowException as err:
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
 
 
+def _lenient_strings(column: pa.Array) -> pa.Array:
+    """Bytes as strings, each byte that is not UTF-8 a U+FFFD, as in a text."""
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array(decode_texts(column)[0], pa.string())
+
+
 def jsonl_batches(
-    lines: Iterable[bytes], file: str | Path, text_column: str, on_malformed: Callable[[str], None] | None
+    lines: Iterable[bytes],
+    file: str | Path,
+    text_column: str,
+    on_malformed: Callable[[str], None] | None,
+    schema: pa.Schema | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The JSON objects of `lines` (those of `file`), parsed here so that one bad line costs only itself, as does
-    a text that is not a string: it is skipped and passed to `on_malformed`."""
-    schema: pa.Schema | None = None
+    a text that is not a string: it is skipped and passed to `on_malformed`. Each batch has the fields of every
+    line so far, joined with `schema`'s (a field missing from a line is null there; null joins any type, an int a
+    float)."""
     records: list[dict] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -321,6 +386,8 @@ def jsonl_batches(
             record = json.loads(text)
         except ValueError:
             record = None
+        if "\\u" in text and (cleaned := _without_lone_surrogates(record)) != record:  # escapes UTF-8 cannot hold
+            record, clean = cleaned, False
         problem = ("is not a JSON object" if not isinstance(record, dict)
                    else None if isinstance(record.get(text_column), (str, type(None)))
                    else f"has a {type(record[text_column]).__name__} for its text, not a string")
@@ -338,15 +405,35 @@ def jsonl_batches(
         yield _records_batch(records, schema, file)[1]
 
 
+def _without_lone_surrogates(value: object) -> object:
+    """`value` with each lone surrogate in its strings (a JSON escape such as \\ud83d, cut from its pair) a U+FFFD."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(key): _without_lone_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
+
+
 def _records_batch(records: list[dict], schema: pa.Schema | None, file: str | Path) -> tuple[pa.Schema, pa.RecordBatch]:
+    fields = dict.fromkeys(key for record in records for key in record)  # from_pylist would keep the first line's
     try:
-        batch = pa.RecordBatch.from_pylist(records)
+        batch = pa.RecordBatch.from_pydict({key: [record.get(key) for record in records] for key in fields})
         if schema is None:
             return batch.schema, batch
-        schema = pa.unify_schemas([schema, batch.schema], promote_options="permissive")  # null -> string, int -> float
+        schema = _unified(schema, batch.schema)
         return schema, _conform(batch, schema)
     except (pa.ArrowException, TypeError, ValueError) as err:
-        raise UserError(f"cannot read {file}: a field changes type between lines ({first_line(err)})") from None
+        raise _type_changes(file, err) from None
+
+
+def _unified(schema: pa.Schema, other: pa.Schema) -> pa.Schema:
+    return pa.unify_schemas([schema, other], promote_options="permissive")  # null -> string, int -> float
+
+
+def _type_changes(file: str | Path, err: Exception) -> UserError:
+    return UserError(f"cannot read {file}: a field changes type between lines ({first_line(err)})")
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

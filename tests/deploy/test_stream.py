@@ -336,6 +336,84 @@ def test_json_lines_may_widen_a_column_between_batches(bundle, tmp_path, monkeyp
     assert table.column("score").to_pylist() == [None] * 5 + [1.5] * 5
 
 
+def test_json_lines_keep_every_field_whichever_line_first_has_it(bundle, tmp_path, monkeypatch):
+    import nlprnn.deploy.tables as tables
+
+    monkeypatch.setattr(tables, "BATCH_ROWS", 4)
+    lines = [{"id": i, "text": "good movie"} for i in range(10)]
+    lines[1]["extra"] = "kept"
+    del lines[4]["text"]  # the first line of the second batch
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    score(bundle, tmp_path / "in.jsonl", tmp_path / "out", "--rows_per_part", "3")
+    table = read_output(tmp_path / "out")
+    assert table.column("text").to_pylist() == ["good movie"] * 4 + [None] + ["good movie"] * 5
+    assert [i for i, label in enumerate(table.column("predicted_label").to_pylist()) if label is None] == [4]
+    assert table.column("extra").to_pylist() == [None, "kept"] + [None] * 8
+
+
+def test_json_lines_parts_share_one_schema_that_every_reader_takes_as_one_table(bundle, tmp_path, monkeypatch):
+    import nlprnn.deploy.tables as tables
+
+    monkeypatch.setattr(tables, "BATCH_ROWS", 4)
+    lines = [{"text": "good movie", "note": None, "score": 1}] * 6 + [{"text": "awful plot", "note": "x", "score": 1.5}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    score(bundle, tmp_path / "in.jsonl", tmp_path / "out", "--rows_per_part", "3")
+    schemas = {pq.read_schema(part) for part in (tmp_path / "out").glob("part-*.parquet")}
+    assert len(schemas) == 1
+    table = pq.read_table(tmp_path / "out")  # takes the first part's schema for the whole folder
+    assert table.column("note").type == pa.string() and table.column("score").type == pa.float64()
+    assert table.column("note").to_pylist() == [None] * 6 + ["x"]
+
+
+def test_a_lone_surrogate_escape_in_json_lines_is_an_undecodable_text(bundle, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good \\ud83d movie", "tag": "\\udc00"}\n'
+                                       '{"id": 2, "text": "fine \\ud83d\\ude00 pair"}\n')
+    score(bundle, tmp_path / "in.jsonl", tmp_path / "out")
+    table = read_output(tmp_path / "out")
+    assert table.column("text").to_pylist() == ["good \ufffd movie", "fine \U0001f600 pair"]
+    assert table.column("tag").to_pylist() == ["\ufffd", None]
+    assert table.column("predicted_label").null_count == 0 and summary(tmp_path / "out")["undecodable"] == 1
+
+
+def test_bytes_that_are_not_utf8_in_another_csv_column_become_replacement_characters(bundle, tmp_path):
+    (tmp_path / "in.csv").write_bytes(b"id,title,text\n1,Caf\xe9,good movie\n2,ok,awful plot\n")
+    score(bundle, tmp_path / "in.csv", tmp_path / "out")
+    table = read_output(tmp_path / "out")
+    assert table.column("title").to_pylist() == ["Caf\ufffd", "ok"] and table.column("predicted_label").null_count == 0
+
+
+def test_a_nested_column_with_csv_output_is_one_line_before_anything_is_written(bundle, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good", "meta": {"a": 1}}\n')
+    proc = run_cli(str(bundle), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.csv"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "column 'meta' of" in proc.stderr and "which CSV cannot hold; write Parquet or JSON lines" in proc.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_json_lines_before_the_first_object_are_skipped_and_each_file_must_name_the_text_field(bundle, tmp_path):
+    (tmp_path / "in.jsonl").write_text('not json\n[1, 2]\n{"id": 3}\n{"id": 4, "text": "good movie"}\n')
+    score(bundle, tmp_path / "in.jsonl", tmp_path / "out")
+    assert read_output(tmp_path / "out").column("id").to_pylist() == [3, 4]
+    assert summary(tmp_path / "out")["malformed_skipped"] == 2
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "a.jsonl").write_text('{"id": 1, "text": "good movie"}\n')
+    (parts / "b.jsonl").write_text('{"id": 2, "body": "good movie"}\n')
+    proc = run_cli(str(bundle), "--input", str(parts), "--output", str(tmp_path / "parts-out"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"no line of {parts / 'b.jsonl'} has a field 'text' (its lines have 'id', 'body')" in proc.stderr
+    assert not (tmp_path / "parts-out").exists()
+
+
+def test_a_job_takes_its_paths_as_strings_too(bundle, tmp_path):
+    from nlprnn.deploy.stream import Job, score_files
+
+    source = write_csv(tmp_path / "in.csv", [("1", "good movie")])
+    counts = score_files(Job(str(bundle), str(source), "text", str(tmp_path / "out")), threads=1, quiet=True)
+    assert counts["rows"] == counts["scored"] == 1
+
+
 def test_workers_need_an_output_folder(bundle):
     proc = run_cli(str(bundle), "good movie", "--workers", "2")
     assert proc.returncode == 2 and "--workers needs --output" in proc.stderr, proc.stderr
@@ -363,7 +441,7 @@ def test_a_text_column_that_is_not_text_is_one_line_and_a_failed_job_leaves_no_f
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
     proc = run_cli(str(bundle), "--input", str(tmp_path / "numbers.parquet"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and "column 'text' of" in proc.stderr and "holds int64, not text" in proc.stderr
-    # found only while scoring: the new folder goes again
+    # a JSON field that changes type is found by the pass that reads every line before scoring: no folder is made
     (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good"}\n{"id": [1], "text": "bad"}\n')
     proc = run_cli(str(bundle), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "changes type" in proc.stderr, proc.stderr
