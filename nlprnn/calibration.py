@@ -21,14 +21,17 @@ from torch.utils.data import DataLoader
 from nlprnn.atomic import replacing
 
 BINS = 15
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # beyond these a fit is degenerate (e.g. a perfectly separated split)
+# a fit that reaches these is degenerate: on a split the model separates perfectly the NLL falls as T -> 0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """The T > 0 that minimises the NLL of softmax(logits / T) on (N, C) logits and (N,) labels.
 
     Optimised over log T, so T stays positive without constraints. Returns 1.0 when there is nothing
-    to fit or the fit does not lower the NLL (as measured at T = 1).
+    to fit, the fit does not lower the NLL (as measured at T = 1), or it runs to MIN_TEMPERATURE or
+    MAX_TEMPERATURE: a split the model separates perfectly would otherwise make every later prediction,
+    right or wrong, near certain.
     """
     # clones: tensors made under inference_mode cannot take part in autograd
     logits = logits.detach().to("cpu", torch.float64).clone()
@@ -46,8 +49,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     with torch.enable_grad():  # also when called from a no-grad context
         optimizer.step(closure)
-    temperature = float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
-    if not math.isfinite(temperature) or nll(logits, labels, temperature) > nll(logits, labels, 1.0):
+    temperature = float(log_t.detach().exp())
+    if not MIN_TEMPERATURE < temperature < MAX_TEMPERATURE or nll(logits, labels, temperature) > nll(logits, labels):
         return 1.0
     return temperature
 

@@ -34,6 +34,14 @@ def test_a_calibrated_model_keeps_a_temperature_near_one():
     assert fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long)) == 1.0
 
 
+def test_a_split_the_model_separates_perfectly_keeps_temperature_one():
+    """Its NLL falls as T -> 0: a fit there would make every later prediction near certain, right or wrong."""
+    logits = torch.tensor([[0.3, 0.0], [0.0, 0.2], [0.5, 0.0], [0.0, 0.1]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert nll(logits, labels, 0.05) < nll(logits, labels)
+    assert fit_temperature(logits, labels) == 1.0
+
+
 def test_ece_by_hand():
     probabilities = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.3, 0.7], [0.55, 0.45]])
     labels = torch.tensor([0, 0, 1, 0])
