@@ -163,8 +163,9 @@ class TextDataModule(L.LightningDataModule):
             "source": asdict(self.source),
             "files": {split: {**_file_identity(path), **_reading(path)} for split, path in self.source.files.items()},
             "tokenizer": asdict(resolve_auto(self.tokenizer_config)),
-            # the file is used with its padding off (see train_tokenizer): no entry tokenized with padding is reused
-            "tokenizer_file": {**_file_identity(self.tokenizer_config.file), "padding": None}
+            # the file is used with its padding off (see train_tokenizer), and cuts a text before the special tokens
+            # its post-processor adds (see tokenize_splits): no entry tokenized otherwise is reused
+            "tokenizer_file": {**_file_identity(self.tokenizer_config.file), "padding": None, "cut": "before specials"}
             if self.tokenizer_config.file else None,
             "max_length": self.max_length or MAX_LENGTH_RULE,  # a changed rule derives anew
         }
@@ -339,13 +340,21 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
 
     # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which are not needed here
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    # A tokenizer whose post-processor adds tokens ([CLS] text [SEP]) cuts the text before them, as the exported
+    # bundle's does; any other is cut here, where its full lengths count the cut texts at no cost.
+    cuts_itself = bool(tokenizer.post_processor and tokenizer.post_processor.num_special_tokens_to_add(False))
 
     def encode(batch: pa.Table) -> pa.Table:
         # Arrow in, Arrow out: columns built whole from numpy, since Python lists of lists would be
         # converted and cast row by row, which costs more than the tokenizer itself.
-        ids = [e.ids for e in encode_batch(batch.column("text").to_pylist())]
-        full = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (N,) untruncated lengths
-        kept = np.minimum(full, max_length)
+        encodings = encode_batch(batch.column("text").to_pylist())
+        ids = [e.ids for e in encodings]
+        if cuts_itself:
+            kept = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (N,)
+            truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(ids))
+        else:
+            full = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (N,) untruncated lengths
+            kept, truncated = np.minimum(full, max_length), full > max_length
         offsets = np.zeros(len(ids) + 1, dtype=np.int32)  # (N + 1,) row starts in `flat`
         np.cumsum(kept, out=offsets[1:])
         flat = np.fromiter(itertools.chain.from_iterable(x[:max_length] for x in ids), dtype=np.int32,
@@ -353,11 +362,14 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
         return pa.table({
             "input_ids": pa.ListArray.from_arrays(offsets, flat),
             "length": kept.astype(np.int32),
-            "truncated": full > max_length,
+            "truncated": truncated,
             "label": batch.column("label"),
         })
 
-    tokenizer.no_truncation()  # cut here instead, so the cut texts can be counted
+    if cuts_itself:
+        tokenizer.enable_truncation(max_length)
+    else:
+        tokenizer.no_truncation()  # cut in `encode`, so the cut texts can be counted
     tokenizer.no_padding()  # batches are padded when loaded, to their own longest text
     tokenized = splits.with_format("arrow").map(
         encode, batched=True, batch_size=MAP_BATCH, num_proc=num_proc, remove_columns=["text"],

@@ -122,3 +122,25 @@ def test_a_tokenizer_file_saved_with_padding_pads_nothing(tmp_path, tiny_csv):
     assert not any(data.pad_id in ids for s in data.splits.values() for ids in s["input_ids"])
     assert json.loads(data.tokenizer_file.read_text())["padding"] is None  # what is saved pads nothing either
     assert data.tokenizer().encode("alpha beta").ids == own.encode("alpha beta").ids[:2]
+
+
+def test_a_tokenizer_file_that_adds_special_tokens_cuts_texts_as_the_bundle_does(tmp_path):
+    """[CLS] text [SEP]: a long text keeps its [SEP], in training as in serving, and is counted as cut."""
+    from tokenizers import processors
+
+    own = train_tokenizer(["alpha beta gamma delta"] * 3, TokenizerConfig(vocab_size=50))
+    own.add_special_tokens(["[CLS]", "[SEP]"])
+    own.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, own.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    own.save(str(tmp_path / "tokenizer.json"))
+    rows = [{"text": "alpha beta gamma delta alpha beta", "label": "a"}, {"text": "alpha beta", "label": "b"}] * 4
+    train = write_csv(tmp_path / "train.csv", rows)
+    data = TextDataModule(train_file=str(train), validation_file=str(train), test_file=str(train), max_length=5,
+                          tokenizer=TokenizerConfig(file=str(tmp_path / "tokenizer.json")))
+    data.prepare()
+    cls, sep = own.token_to_id("[CLS]"), own.token_to_id("[SEP]")
+    long, short = data.splits["train"]["input_ids"][:2]
+    assert long == data.tokenizer().encode(rows[0]["text"]).ids and long[0] == cls and long[-1] == sep
+    assert len(long) == 5 and short == [cls, *own.encode("alpha beta").ids[1:-1], sep]
+    assert json.loads((data.prepared_dir / "meta.json").read_text())["truncated"]["train"] == 4
+
