@@ -90,7 +90,7 @@ def test_input_files(bundle, tmp_path, capsys, name, content, extra):
 def test_input_from_stdin(bundle):
     proc = subprocess.run(
         [sys.executable, "-m", "nlprnn.predict", str(bundle), "--input", "-", "--threads", "1"],
-        input=b"good movie\nawful plot\n", cwd=REPO, capture_output=True, timeout=300,
+        input=b"\xef\xbb\xbfgood movie\nawful plot\n", cwd=REPO, capture_output=True, timeout=300,  # a BOM first
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert [line["text"] for line in output_lines(proc.stdout.decode())] == ["good movie", "awful plot"]

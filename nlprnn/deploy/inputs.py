@@ -54,7 +54,8 @@ def read_texts(path: str, text_column: str = "text") -> Iterator[str]:
     blank lines are skipped.
     """
     if path == STDIN:
-        yield from _lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n"))
+        # -sig: a byte-order mark, as Windows tools write one, is not text
+        yield from _lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace", newline="\n"))
         return
     file = Path(path)
     suffix = file.suffix.lower()
@@ -96,7 +97,13 @@ def _csv_texts(file: Path, delimiter: str, column: str) -> Iterator[str]:
                     f"{file} has no column {column!r} (it has {', '.join(map(repr, reader.fieldnames))}); "
                     "name the text column with --text_column"
                 )
+            width = len(reader.fieldnames)
             for row in reader:
+                if None in row or None in row.values():  # more fields than the header, or fewer
+                    fields = width + len(row.get(None, ())) if None in row else sum(v is not None for v in row.values())
+                    hint = "a text cannot hold a tab" if delimiter == "\t" else "quote a text that holds a comma"
+                    raise UserError(f"line {reader.line_num} of {file} has {fields} fields, not {width} ({hint}); "
+                                    "--output skips and counts such rows")
                 yield row[column] or ""
         except csv.Error as err:
             raise UserError(f"line {reader.line_num} of {file} is not valid CSV: {err}") from None

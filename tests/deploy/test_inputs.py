@@ -47,6 +47,16 @@ def test_csv_without_the_column_names_the_columns(tmp_path):
         list(read_texts(str(path)))
 
 
+@pytest.mark.parametrize("suffix, row, fields", [(".csv", "1,hello, world", 3), (".csv", "1", 1), (".tsv", "1\ta\tb", 3)])
+def test_a_row_with_another_number_of_fields_is_one_line_not_a_shifted_text(tmp_path, suffix, row, fields):
+    path = tmp_path / f"in{suffix}"
+    sep = "," if suffix == ".csv" else "\t"
+    path.write_text(f"id{sep}text\n0{sep}fine\n{row}\n")
+    hint = "quote a text that holds a comma" if suffix == ".csv" else "a text cannot hold a tab"
+    with pytest.raises(UserError, match=f"^line 3 of .*in{suffix} has {fields} fields, not 2 \\({hint}\\)"):
+        list(read_texts(str(path)))
+
+
 def test_empty_csv_holds_no_texts(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("")
