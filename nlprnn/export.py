@@ -321,6 +321,11 @@ def _check_matches(model: TextClassifier, tokenizer: Tokenizer, labels: object, 
 def _check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; choose a folder for the bundle")
+    where = out.resolve()
+    if Path.cwd().resolve().is_relative_to(where):  # a bundle is published by renaming a folder over `out`
+        raise UserError(f"--out {out} is the current folder or holds it; name a folder for the bundle inside it")
+    if not (parent := next(p for p in where.parents if p.exists())).is_dir():
+        raise UserError(f"cannot make {out}: {parent} is a file")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:

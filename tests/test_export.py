@@ -238,6 +238,20 @@ def test_overwrite_replaces_only_a_bundle_folder(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_a_destination_that_cannot_be_a_bundle_folder_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    monkeypatch.chdir(tmp_path)
+    for out, message in [(".", "--out . is the current folder or holds it"),
+                         ("..", "--out .. is the current folder or holds it"),
+                         ("notes.csv/bundle", f"cannot make notes.csv/bundle: {tmp_path / 'notes.csv'} is a file")]:
+        with pytest.raises(SystemExit) as exit_info:
+            export.main([str(run_dir), "--out", out, "--overwrite"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f"nlprnn.export: error: {message}" + (
+            "; name a folder for the bundle inside it" if "current" in message else "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv"]
+
+
 def test_export_cli_fails_loudly_when_the_check_fails(run_dir, tmp_path, capsys, monkeypatch):
     exporting_a_different_model(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
