@@ -9,9 +9,11 @@ every rare word of the training data, and those lean towards some labels), so a 
 "this word versus a rare word" rather than "this word versus nothing". A text left with no token is read as one
 [UNK], as the Predictor reads an empty text.
 
-The text and all its variants go to the model in one call. Only the words the model reads are explained: words
-past the bundle's max_length are left out of the result (a word cut by it is kept, with its whole span), so the
-work and the size of an explanation are bounded by max_length however long the text. A variant is the tokens that
+The text and its variants go to the model the Predictor's batch_size rows per call, so memory is bounded by
+batch_size x max_length tokens, not by the square of max_length. Only the words
+the model reads are explained: words past the bundle's max_length are left out of the result (a word cut by it is
+kept, with its whole span), so the work and the size of an explanation are bounded by max_length however long the
+text. A variant is the tokens that
 were read less the word's, so no unread word slides into the window in its place and each contribution is about
 that word alone. Runs on onnxruntime, tokenizers and numpy, like the Predictor.
 """
@@ -69,7 +71,7 @@ class _Word:
 
 
 def explain(predictor: Predictor, texts: Sequence[str]) -> list[Explanation]:
-    """Explain each text's prediction word by word; one model call per text (the text and one variant per word)."""
+    """Explain each text's prediction word by word (the text and one variant per word, batch_size rows a call)."""
     return [_explain_one(predictor, text) for text in clean_texts(texts)]
 
 
@@ -81,7 +83,9 @@ def _explain_one(predictor: Predictor, text: str) -> Explanation:
     for word in words:
         drop = set(word.positions)
         rows.append([t for i, t in enumerate(ids) if i not in drop] or [predictor.unk_id])
-    _, probabilities = predictor.run(*predictor.pad(rows))  # (1 + words read, classes)
+    step = predictor.batch_size
+    probabilities = np.concatenate([predictor.run(*predictor.pad(rows[i : i + step]))[1]
+                                    for i in range(0, len(rows), step)])  # (1 + words read, classes)
     full = probabilities[0]
     k = int(full.argmax())
     drops = float(full[k]) - probabilities[1:, k].astype(np.float64)

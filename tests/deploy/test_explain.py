@@ -1,4 +1,4 @@
-"""Occlusion explanations: word spans map back to the text, contributions are probability drops, one call per text."""
+"""Occlusion explanations: word spans map back to the text, contributions are probability drops, bounded calls."""
 
 from __future__ import annotations
 
@@ -89,12 +89,15 @@ def count_model_calls(predictor, monkeypatch) -> list[int]:
     return calls
 
 
-def test_a_256_token_text_is_explained_in_one_model_call(predictor, monkeypatch):
-    words = [WORDS[i % len(WORDS)] for i in range(256)]
+def test_a_256_token_text_is_explained_in_calls_of_batch_size_rows_with_the_same_result(predictor, monkeypatch):
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(256))
+    (whole,) = Predictor(predictor.bundle.root, batch_size=512, threads=1).explain([text])
     calls = count_model_calls(predictor, monkeypatch)
-    (explanation,) = predictor.explain([" ".join(words)])
-    assert calls == [257]  # the text and one variant per word
-    assert len(explanation.words) == 256
+    (explanation,) = predictor.explain([text])
+    assert calls == [64, 64, 64, 64, 1]  # the text and one variant per word, 64 rows a call: memory stays bounded
+    assert len(explanation.words) == 256 and explanation.label == whole.label
+    np.testing.assert_allclose([w.contribution for w in explanation.words], [w.contribution for w in whole.words],
+                               rtol=0, atol=1e-6)  # padding changes no result, so neither does the split
 
 
 def test_a_long_text_costs_one_call_of_at_most_max_length_variants(short_predictor, monkeypatch):
