@@ -311,7 +311,7 @@ def _locked_output(output: Path) -> Iterator[None]:
 
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder (it will hold the parts)")
-    if output.is_dir() and any(output.iterdir()) and not (output / JOB_FILE).exists():
+    if output.is_dir() and any(p.name != LOCK_FILE for p in output.iterdir()) and not (output / JOB_FILE).exists():
         raise UserError(f"--output {output} already holds files that are not a scoring job's; give a new folder")
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,8 @@ def _locked_output(output: Path) -> Iterator[None]:
 
 def _start_or_resume(job: Job, record: dict) -> None:
     job_file = job.output / JOB_FILE
-    if not job_file.exists():
+    scored = any((job.output / DONE_FOLDER).glob("part-*.json")) or (job.output / SUCCESS_FILE).exists()
+    if not job_file.exists() or not scored:  # a job that scored nothing yet (it failed, or was killed) starts anew
         write_json(job_file, record)
         return
     started = json.loads(job_file.read_text())

@@ -231,6 +231,21 @@ def test_a_finished_job_is_not_redone_and_a_changed_one_is_refused(bundle, tmp_p
     assert {f.name: f.stat().st_mtime_ns for f in out.glob("part-*")} == written
 
 
+def test_a_job_that_scored_nothing_starts_anew_with_other_input(bundle, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # a job killed before its first part, over other input with another bundle, left its _job.json
+    (out / "_job.json").write_text(json.dumps({"format": 1, "bundle_sha256": "another", "input": []}))
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good"}\n{"id": 2, "text": "bad"}\n')
+    score(bundle, tmp_path / "in.jsonl", out)
+    assert read_output(out).column("id").to_pylist() == [1, 2]
+
+    locked_only = tmp_path / "locked-only"  # a kill between taking the lock and writing _job.json
+    locked_only.mkdir()
+    (locked_only / "_lock").write_text("")
+    score(bundle, tmp_path / "in.jsonl", locked_only)
+    assert read_output(locked_only).column("id").to_pylist() == [1, 2]
+
+
 def test_one_job_at_a_time_per_folder(bundle, tmp_path):
     source = write_csv(tmp_path / "in.csv", [("1", "good movie")])
     out = tmp_path / "out"
