@@ -330,7 +330,8 @@ def _csv_reader(
 ) -> pa_csv.CSVStreamingReader:
     def report(row: pa_csv.InvalidRow) -> None:
         if on_malformed is not None:
-            on_malformed(f"line {row.number} of {file}: {row.actual_columns} fields, not {row.expected_columns}")
+            on_malformed(f"row {row.number} of {file} (the header is row 1): {row.actual_columns} fields, not "
+                         f"{row.expected_columns}")
 
     # One thread: batch scoring spends the cores on the model, and a single-threaded reader keeps row order cheap.
     read = pa_csv.ReadOptions(use_threads=False, block_size=1 << 22)

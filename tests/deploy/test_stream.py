@@ -246,6 +246,13 @@ def test_a_job_that_scored_nothing_starts_anew_with_other_input(bundle, tmp_path
     assert read_output(locked_only).column("id").to_pylist() == [1, 2]
 
 
+def test_a_malformed_csv_row_is_named_by_its_row_number_whatever_newlines_its_neighbours_hold(bundle, tmp_path):
+    (tmp_path / "in.csv").write_text('id,text\n1,"good\nmovie\nindeed"\n2,awful,plot\n3,fine\n')
+    score(bundle, tmp_path / "in.csv", tmp_path / "out")
+    assert summary(tmp_path / "out")["first_malformed"] == \
+        f"row 3 of {tmp_path / 'in.csv'} (the header is row 1): 3 fields, not 2"
+
+
 def test_one_job_at_a_time_per_folder(bundle, tmp_path):
     source = write_csv(tmp_path / "in.csv", [("1", "good movie")])
     out = tmp_path / "out"
