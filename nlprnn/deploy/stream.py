@@ -94,6 +94,8 @@ def score_files(
 
     if workers < 1:
         raise UserError(f"--workers must be at least 1, not {workers}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, not {threads}")
     if job.rows_per_part < 1:
         raise UserError(f"--rows_per_part must be at least 1, not {job.rows_per_part}")
     progress = None if quiet else sys.stderr

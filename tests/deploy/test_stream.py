@@ -199,6 +199,14 @@ def test_bad_input_is_one_line_before_anything_is_written(bundle, tmp_path, prob
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option", ["--threads", "--workers", "--rows_per_part"])
+def test_a_count_below_one_is_one_line(bundle, tmp_path, option):
+    source = write_csv(tmp_path / "in.csv", [("1", "good movie")])
+    proc = run_cli(str(bundle), "--input", str(source), "--output", str(tmp_path / "out"), option, "0")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"{option} must be at least 1, not 0"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_must_be_a_folder_of_its_own(bundle, tmp_path):
     source = write_csv(tmp_path / "in.csv", [("1", "good movie")])
     (tmp_path / "file").write_text("x")
