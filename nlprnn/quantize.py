@@ -74,7 +74,10 @@ def validation_split(data: dict[str, Any], labels: Sequence[str]) -> Validation:
     try:
         split = load_splits(spec)["validation"]
     except UserError as err:
-        raise UserError(f"int8 needs the validation split to check the quantized model on, and it cannot be loaded: {err}") from None
+        relative = [path for path in spec.files.values() if not Path(path).is_absolute() and not Path(path).exists()]
+        hint = f" ({relative[0]} is relative to the folder the run was trained in: export from there)" if relative else ""
+        raise UserError(f"int8 needs the validation split to check the quantized model on, and it cannot be loaded: "
+                        f"{err}{hint}") from None
     finally:
         if bars:
             datasets.enable_progress_bars()

@@ -99,6 +99,17 @@ def test_int8_without_its_validation_data_is_refused(run_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moved.ckpt"]
 
 
+def test_int8_from_another_folder_than_the_run_was_trained_in_says_so(run_dir, tmp_path, capsys):
+    state = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=False)
+    state[TextDataModule.__qualname__]["data"]["train_file"] = "data/tiny.csv"  # as typed, in the run's folder
+    torch.save(state, tmp_path / "relative.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path / "relative.ckpt"), "--out", str(tmp_path / "bundle"), "--quantize", "int8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("(data/tiny.csv is relative to the folder the run was trained in: export from there)"), err
+
+
 def test_gru_recurrences_stay_float_and_their_head_is_quantized(tmp_path, tokenizer_file, monkeypatch):
     monkeypatch.setattr(quantize, "MIN_LABEL_AGREEMENT", 0.0)  # random weights: this test is about the graph
     texts = ["good movie", "bad plot", "good good plot movie"]
