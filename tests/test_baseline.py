@@ -40,3 +40,13 @@ def test_fit_reports_the_baseline_beside_the_model_unless_turned_off(tmp_path, t
     metrics = json.loads((runs / "without" / "metrics.json").read_text())
     assert "test_acc" in metrics and not [key for key in metrics if key.startswith("baseline_")]
     assert "TF-IDF" not in proc.stdout
+
+
+def test_the_baseline_macro_f1_leaves_out_a_class_the_test_split_lacks_as_the_model_does(tmp_path):
+    neutral = [{"text": f"a plain report number {i} of facts", "label": "neutral"} for i in range(100)]
+    train = write_csv(tmp_path / "train.csv", make_examples(300) + neutral)
+    test = write_csv(tmp_path / "test.csv", make_examples(60, seed=1))  # positive and negative only
+    splits = load_splits(SourceSpec(train_file=str(train), test_file=str(test)))
+    scores = fit_baseline(splits)
+    assert scores["baseline_test_acc"] == 1.0
+    assert scores["baseline_test_f1_macro"] == 1.0  # over 3 classes, a class with no example would count as 0

@@ -107,11 +107,21 @@ def drop_empty_texts(ds, split: str):
     return ds.select(keep)
 
 
-def check_labels(ds, where: str) -> None:
-    """Refuse rows with no label, naming the first few (1-based data rows, the header not counted)."""
+def _no_label(array):
+    """Missing, NaN (pandas' and Parquet's missing number), or a string of nothing but whitespace."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    missing = rows_where(ds, "label", pc.is_null)
+    if pa.types.is_floating(array.type):
+        return pc.fill_null(pc.is_nan(array), True)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return _is_blank(array)
+    return pc.is_null(array)
+
+
+def check_labels(ds, where: str) -> None:
+    """Refuse rows with no label, naming the first few (1-based data rows, the header not counted)."""
+    missing = rows_where(ds, "label", _no_label)
     if len(missing):
         rows = ", ".join(str(i + 1) for i in missing[:SHOWN_ROWS])
         raise UserError(

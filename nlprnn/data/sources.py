@@ -32,11 +32,14 @@ HELD_OUT_FRACTION = 0.1  # of all examples, for each of validation and test when
 HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_TIMEOUT_S = 3.0
 
+# pandas would guess: "NA", "None" or "null" as missing, "007" as the number 7, and a first row with one field too
+# many as the index column. Only an empty field is missing; the text and label columns are read as written.
+CSV_OPTIONS = {"keep_default_na": False, "na_values": [""], "index_col": False}
 # file suffix -> (datasets builder, its options)
 FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {}),
+    ".csv": ("csv", CSV_OPTIONS),
     # TSV has no quoting: a quote is part of the text, and quoting on would merge rows at a stray quote.
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".tsv": ("csv", {**CSV_OPTIONS, "delimiter": "\t", "quoting": csv.QUOTE_NONE}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -80,6 +83,7 @@ def load_splits(spec: SourceSpec):
     for split, ds in splits.items():
         if len(ds) == 0:
             raise UserError(f"the {split} split is empty; give it some examples or leave its file out to split it from train")
+    _check_every_label_is_trained(splits)
     return datasets.DatasetDict(splits)
 
 
@@ -92,6 +96,8 @@ def _read_file(path: Path, spec: SourceSpec):
     if fmt is None:
         raise UserError(f"cannot read {path}: use one of {', '.join(FILE_FORMATS)}")
     builder, options = fmt
+    if builder == "csv":
+        options = {**options, "converters": {spec.text_column: str, spec.label_column: str}}
     readable = path
     if builder != "parquet":  # Parquet holds its strings already decoded
         readable, replaced = repair_utf8(path)
@@ -102,10 +108,34 @@ def _read_file(path: Path, spec: SourceSpec):
             builder, data_files=str(readable), split="train", cache_dir=str(cache_dir() / "files"), **options
         )
     except Exception as err:  # the builders raise many types for a malformed file
-        raise UserError(f"cannot read {path} as {builder}: {first_line(err)}") from None
+        raise UserError(f"cannot read {path} as {builder}: {_reason(err)}") from None
     ds = _text_and_label(ds, spec, str(path))
+    _check_column_types(ds, str(path))
     check_labels(ds, str(path))
     return ds.cast_column("text", datasets.Value("string"))
+
+
+def _reason(err: BaseException) -> str:
+    """What a builder's error says at its root ("An error occurred while generating the dataset" says nothing)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    reason = first_line(err)
+    if isinstance(err, StopIteration) or "corresponds to no data" in reason or not reason:
+        return "it holds no rows"
+    return reason
+
+
+def _check_column_types(ds, where: str) -> None:
+    """One line for a text or label column that does not hold one value per row: a text must be a string (or a
+    number, read as its digits); a label one string or number. JSON would otherwise be cast to its own spelling."""
+    import datasets
+
+    for column, what in (("text", "text"), ("label", "a label")):
+        feature = ds.features[column]
+        if not isinstance(feature, datasets.Value) or feature.dtype in ("binary", "large_binary"):
+            kinds = sorted({type(v).__name__ for v in ds.select(range(min(len(ds), 1000)))[column] if v is not None})
+            raise UserError(f"the {column} column of {where} holds {' and '.join(kinds) or feature}, not {what} on "
+                            "every row; give each row one string")
 
 
 def _text_and_label(ds, spec: SourceSpec, where: str):
@@ -116,6 +146,9 @@ def _text_and_label(ds, spec: SourceSpec, where: str):
             f"{where} has no column {', '.join(map(repr, missing))}; its columns are {', '.join(ds.column_names)} "
             "(choose them with --data.text_column / --data.label_column)"
         )
+    if spec.text_column == spec.label_column:
+        raise UserError(f"--data.text_column and --data.label_column both name {spec.text_column!r}; a text cannot "
+                        "be its own label")
     ds = ds.select_columns([spec.text_column, spec.label_column])
     return ds.rename_columns({spec.text_column: "text", spec.label_column: "label"})
 
@@ -126,15 +159,17 @@ def _label_from_train(raw: dict) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = raw["train"].unique("label")
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    # Labels are matched as Arrow renders them as strings, so 1 and 1.0 in different files agree.
-    as_text = pa.array(sorted(values) if numeric else values).cast(pa.string()).to_pylist()
-    names = as_text if numeric else sorted(as_text)  # integer labels sort as numbers
+    def as_text(ds) -> pa.Array:
+        # Labels are matched as Arrow renders them as strings, so 1 and 1.0 in different files agree, and without
+        # the spaces around them, which no one means as another class.
+        column = ds.with_format("arrow", columns=["label"])[:]["label"]  # one column, not the text
+        return pc.utf8_trim_whitespace(column.cast(pa.string())).combine_chunks()
+
+    names = sorted(pc.unique(as_text(raw["train"])).to_pylist(), key=_label_order)
     value_set = pa.array(names)
     encoded = {}
     for split, ds in raw.items():
-        column = ds.with_format("arrow", columns=["label"])[:]["label"].cast(pa.string())  # one column, not the text
+        column = as_text(ds)
         ids = pc.index_in(column, value_set=value_set)  # null where the label is not a training label
         if ids.null_count:
             unseen = sorted(str(v) for v in pc.unique(pc.filter(column, pc.is_null(ids))).to_pylist())
@@ -145,6 +180,28 @@ def _label_from_train(raw: dict) -> dict:
         ds = ds.remove_columns("label").add_column("label", ids.to_numpy(zero_copy_only=False).astype("int64"))
         encoded[split] = ds.cast_column("label", datasets.ClassLabel(names=names))
     return encoded
+
+
+def _label_order(name: str) -> tuple:
+    """Labels that are all numbers sort as numbers (2 before 10), others as text; numbers before text."""
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def _check_every_label_is_trained(splits: dict) -> None:
+    """Every label must have training examples: one whose rows all had empty texts, or that only the held-out
+    splits have, would be a class the model never learns (and that a test can never fairly score)."""
+    names = splits["train"].features["label"].names
+    trained = set(splits["train"].unique("label"))
+    for split in ("train", "validation", "test"):
+        untrained = sorted(set(range(len(names))) - trained if split == "train" else set(splits[split].unique("label")) - trained)
+        if untrained:
+            shown = ", ".join(repr(names[i]) for i in untrained[:5])
+            where = "only in rows with empty texts" if split == "train" else f"in the {split} split"
+            raise UserError(f"label(s) {shown} appear {where} but in no training example with text; give them "
+                            "training examples or remove their rows")
 
 
 def _check_two_labels(train) -> None:
@@ -217,6 +274,7 @@ def _split_off(ds, fraction: float, seed: int):
     take = np.floor(wanted).astype(int)
     shortfall = int(round(wanted.sum())) - int(take.sum())
     take[np.argsort(take - wanted, kind="stable")[:shortfall]] += 1  # largest remainders first
+    take = np.minimum(take, counts - 1)  # a class of one example stays in training, where it can be learned
     held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
     rest = np.setdiff1d(np.arange(len(ds)), held, assume_unique=True)
     return ds.select(rng.permutation(rest)), ds.select(rng.permutation(held))

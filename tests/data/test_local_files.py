@@ -170,3 +170,80 @@ def test_too_few_rows_to_split_names_the_real_counts(tmp_path):
     assert "only 5 training example(s)" in message
     assert "train 4, validation 1, test 0" in message
     assert "at least 6" in message
+
+
+def labelled(split) -> list[tuple[str, str]]:
+    names = split.features["label"].names
+    return [(text, names[label]) for text, label in zip(split["text"], split["label"])]
+
+
+def test_csv_texts_and_labels_are_read_as_written(tmp_path):
+    """pandas would read "NA" and "None" as missing and "007" as 7; a label's surrounding spaces are not a class."""
+    rows = [{"text": text, "label": label} for text, label in
+            [("NA", "None"), ("null", "007"), ("fine film", "010"), ("dull film", " None ")] * 10]
+    path = write_csv(tmp_path / "codes.csv", rows)
+    splits = load_splits(SourceSpec(train_file=str(path)))
+    assert splits["train"].features["label"].names == ["007", "010", "None"]  # numbers as numbers, before text
+    read = Counter(pair for split in splits.values() for pair in labelled(split))
+    assert read == Counter({("NA", "None"): 10, ("null", "007"): 10, ("fine film", "010"): 10, ("dull film", "None"): 10})
+
+
+def test_a_first_tsv_row_with_a_field_too_many_does_not_shift_the_columns(tmp_path):
+    path = tmp_path / "shifted.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"text {i}\t{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
+    rows = path.read_text().splitlines()
+    rows[2] = "text 1\twith a tab\tpos"  # the second data row: pandas reports where
+    path.write_text("\n".join(rows) + "\n")
+    message = bad(tmp_path, train_file=str(path))
+    assert message == f"cannot read {path} as csv: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "No columns to parse from file"), ("text,label\n", "it holds no rows")], ids=["empty", "header only"])
+def test_a_file_without_rows_says_so(tmp_path, content, reason):
+    path = tmp_path / "none.csv"
+    path.write_text(content)
+    assert bad(tmp_path, train_file=str(path)) == f"cannot read {path} as csv: {reason}"
+
+
+@pytest.mark.parametrize("values, message", [
+    ([("good film", "pos"), (7, "neg")], "the text column of {path} holds int and str, not text on every row"),
+    ([("good film", "pos"), ("bad film", 1)], "the label column of {path} holds int and str, not a label on every row"),
+    ([("good film", ["pos"]), ("bad film", ["neg"])], "the label column of {path} holds list, not a label on every row"),
+], ids=["text-number", "label-mixed", "label-list"])
+def test_json_columns_that_do_not_hold_one_string_per_row_are_one_line(tmp_path, values, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in values * 10))
+    assert bad(tmp_path, train_file=str(path)).startswith(message.format(path=path))
+
+
+def test_the_text_cannot_be_its_own_label(tmp_path, tiny_csv):
+    message = bad(tmp_path, train_file=str(tiny_csv), text_column="label")
+    assert message == "--data.text_column and --data.label_column both name 'label'; a text cannot be its own label"
+
+
+def test_a_nan_label_in_parquet_is_a_missing_label(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"text": [f"film {i}" for i in range(40)],
+                             "label": [float("nan") if i == 3 else float(i % 2) for i in range(40)]}), path)
+    assert "has 1 row(s) with no label, the first at data row(s) 4" in bad(tmp_path, train_file=str(path))
+
+
+def test_a_class_of_one_example_stays_in_training(tmp_path):
+    rows = make_examples(100) + [{"text": f"rare thing {i}", "label": f"rare{i}"} for i in range(4)]
+    splits = load_splits(SourceSpec(train_file=str(write_csv(tmp_path / "rare.csv", rows))))
+    names = splits["train"].features["label"].names
+    assert {names[y] for y in splits["train"]["label"]} == set(names)
+    assert not {names[y] for split in ("validation", "test") for y in splits[split]["label"]} & {"rare0", "rare3"}
+
+
+def test_a_label_only_on_empty_texts_or_only_in_held_out_data_is_refused(tmp_path):
+    rows = make_examples(40) + [{"text": "  ", "label": "ghost"}]
+    message = bad(tmp_path, train_file=str(write_csv(tmp_path / "ghost.csv", rows)))
+    assert message.startswith("label(s) 'ghost' appear only in rows with empty texts but in no training example")
+    train = write_csv(tmp_path / "train.csv", make_examples(40) + [{"text": "  ", "label": "neutral"}])
+    test = write_csv(tmp_path / "test.csv", [{"text": "meh", "label": "neutral"}, {"text": "great", "label": "positive"}])
+    assert bad(tmp_path, train_file=str(train), test_file=str(test)).startswith("label(s) 'neutral' appear")
