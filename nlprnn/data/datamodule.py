@@ -26,7 +26,7 @@ from nlprnn.derived import LENGTH_SAMPLE, MAX_LENGTH_RULE, Derived, max_length_f
 from nlprnn.errors import UserError
 
 log = logging.getLogger(__name__)
-PREPARED_FORMAT = 4  # bump when the prepared layout or tokenization changes
+PREPARED_FORMAT = 5  # bump when the prepared layout, the reading of files or the tokenization changes
 CHECKPOINT_FORMAT = 1  # of state_dict(); bump only when a reader of an older layout would misread it
 MAP_BATCH = 1000  # texts per tokenizer call while preparing
 
