@@ -211,12 +211,16 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     try:
         if ckpt_path:
             # before anything is written: a resume whose batches or model would differ is refused, not run
+            name = Path(ckpt_path).name
+            checkpoint = check_resumable(Path(ckpt_path))
+            check_same_data(checkpoint, data, name)  # first: a changed setting is named, not its effect on batches
             sampler = data.batch_sampler("train", shuffle=True, world_size=trainer.world_size)
-            checkpoint = check_resumable(Path(ckpt_path), sampler)
-            check_same_model(checkpoint, model, Path(ckpt_path).name)
+            check_resumable(Path(ckpt_path), sampler, checkpoint)
+            check_same_model(checkpoint, model, name)
             best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
             states = checkpoint.get("callbacks", {})
             state = next((s for k, s in states.items() if k.startswith(BestCheckpoint.__qualname__)), None)
+            check_same_budget(state or {}, trainer.max_epochs, best.patience if best else None, name)
             if best is not None and state is not None and state.get("dirpath") != best.dirpath:
                 best.adopt_best(state, copy=trainer.is_global_zero)  # resumed into another folder
             del checkpoint, states, state
@@ -281,6 +285,45 @@ def run_baseline(data: TextDataModule) -> dict[str, float] | None:
 
 
 MODEL_CHANGES_SHOWN = 3  # of the model settings that differ from a resumed checkpoint's
+
+
+def check_same_data(checkpoint: dict[str, Any], data: TextDataModule, checkpoint_name: str) -> None:
+    """UserError if the data settings, or the tokenizer trained on the data, differ from the checkpoint's.
+
+    The tokenizer is compared whole: trained on the training split, it changes with its words, which the
+    batch sampler's fingerprint (counts and lengths) does not see; token ids would name other words.
+    """
+    saved = checkpoint.get(TextDataModule.__qualname__) or {}
+    current = data.state_dict()
+    then, now = saved.get("data") or {}, current["data"]
+    changed = [key for key in sorted(then.keys() & now.keys()) if then[key] != now[key]]
+    if changed:
+        shown = ", ".join(f"data.{key} {then[key]!r} then, {now[key]!r} now" for key in changed[:MODEL_CHANGES_SHOWN])
+        raise UserError(f"cannot resume: the data settings differ from {checkpoint_name}'s ({shown}); resume with "
+                        "the settings it was trained with (in the run folder's config.yaml), or start a new run")
+    if saved.get("tokenizer") is not None and saved["tokenizer"] != current["tokenizer"]:
+        raise UserError(f"cannot resume: the tokenizer differs from {checkpoint_name}'s (the training data's words or "
+                        "the data.tokenizer settings changed), so token ids would name other words; resume with the "
+                        "data and settings it was trained with, or start a new run")
+
+
+def check_same_budget(saved: dict[str, Any], max_epochs: int | None, patience: int | None, checkpoint_name: str) -> None:
+    """UserError if the length of training differs from the checkpoint's: the learning-rate schedule spans it, and
+    early stopping would change. A budget derived from the same data is derived alike, so only an explicit
+    --trainer.max_epochs given then and not now (or the reverse) or another value is refused."""
+    if "max_epochs" not in saved:  # written before checkpoints recorded it
+        return
+    if (saved["max_epochs"], saved.get("patience")) == (max_epochs, patience):
+        return
+
+    def plan(epochs: int | None, stop: int | None) -> str:
+        return f"{epochs} epochs, " + (f"early stopping after {stop}" if stop is not None else "no early stopping")
+
+    how = (f"--trainer.max_epochs {saved['max_epochs']}" if saved.get("patience") is None
+           else "the derived budget (no --trainer.max_epochs)")
+    raise UserError(f"cannot resume: training was planned for {plan(saved['max_epochs'], saved.get('patience'))} in "
+                    f"{checkpoint_name}, and for {plan(max_epochs, patience)} now, which would reshape the "
+                    f"learning-rate schedule; resume with {how}, or start a new run")
 
 
 def check_same_model(checkpoint: dict[str, Any], model: TextClassifier, checkpoint_name: str) -> None:

@@ -192,6 +192,49 @@ def test_resuming_with_another_batch_size_is_refused_in_one_line_and_changes_not
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.yaml and last.ckpt untouched
 
 
+def refused(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nlprnn.fit: error: ")]
+    return line.removeprefix("nlprnn.fit: error: ")
+
+
+def test_resuming_with_other_data_or_another_length_of_training_is_refused_and_changes_nothing(
+    tmp_path, tiny_csv, capsys
+):
+    out = tmp_path / "runs"
+    stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"))
+    run = out / "stopped"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    # the same examples, counts and lengths, every positive word swapped for a negative one: only the words differ
+    rows = tiny_csv.read_text().splitlines()
+    swapped = tmp_path / "swapped" / tiny_csv.name
+    swapped.parent.mkdir()
+    swapped.write_text("\n".join([rows[0]] + [row.replace("great", "awful") for row in rows[1:]]) + "\n")
+    args = tiny(tiny_csv, out, "stopped", "--ckpt_path", "last")
+
+    line = refused([*args, "--data.train_file", str(swapped)], capsys)
+    assert line == (f"cannot resume: the data settings differ from last.ckpt's (data.train_file {str(tiny_csv)!r} "
+                    f"then, {str(swapped)!r} now); resume with the settings it was trained with (in the run folder's "
+                    "config.yaml), or start a new run")
+    tiny_copy = tmp_path / "copy" / tiny_csv.name
+    tiny_copy.parent.mkdir()
+    tiny_copy.write_text(swapped.read_text())
+    tiny_csv.rename(tmp_path / "original.csv")
+    tiny_copy.rename(tiny_csv)  # the same path, other words
+    assert refused(args, capsys).startswith("cannot resume: the tokenizer differs from last.ckpt's")
+    tiny_csv.unlink()
+    (tmp_path / "original.csv").rename(tiny_csv)
+
+    line = refused([*args, "--trainer.max_epochs", "5"], capsys)
+    assert line == ("cannot resume: training was planned for 3 epochs, no early stopping in last.ckpt, and for 5 "
+                    "epochs, no early stopping now, which would reshape the learning-rate schedule; resume with "
+                    "--trainer.max_epochs 3, or start a new run")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_a_checkpoint_without_the_batch_position_is_refused(tmp_path, tiny_csv, capsys):
     out = tmp_path / "runs"
     stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"))

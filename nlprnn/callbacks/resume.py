@@ -72,12 +72,27 @@ class RestoreLoaderPosition(Callback):
             raise resume_refusal(name, err.changes) from None
 
 
-def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> dict[str, Any]:
+def check_resumable(
+    path: Path, sampler: BucketBatchSampler | None = None, checkpoint: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The checkpoint at `path` (its tensors memory-mapped); UserError unless it is complete, with training state.
 
     With `sampler` (the training batches this run would make), also unless the checkpoint's batches
-    are the same ones, so a position in its epoch means the same examples here.
+    are the same ones, so a position in its epoch means the same examples here. `checkpoint`: the one at
+    `path`, already checked and loaded.
     """
+    if checkpoint is None:
+        checkpoint = _readable(path)
+    if sampler is not None:
+        saved = RestoreLoaderPosition.saved_state(checkpoint)
+        if saved is None:
+            raise no_saved_position(path.name)
+        if changes := sampler.changes(saved):
+            raise resume_refusal(path.name, changes)
+    return checkpoint
+
+
+def _readable(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"cannot resume: there is no checkpoint at {path}")
     try:
@@ -90,12 +105,6 @@ def check_resumable(path: Path, sampler: BucketBatchSampler | None = None) -> di
         ) from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "optimizer_states", "loops"} <= checkpoint.keys():
         raise UserError(f"cannot resume: {path} holds no training state (model, optimizer and loop positions)")
-    if sampler is not None:
-        saved = RestoreLoaderPosition.saved_state(checkpoint)
-        if saved is None:
-            raise no_saved_position(path.name)
-        if changes := sampler.changes(saved):
-            raise resume_refusal(path.name, changes)
     return checkpoint
 
 

@@ -52,10 +52,17 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_epoch = -1  # none yet
         self.best_tie_break = math.inf
         self.stopped_epoch = -1
+        self.max_epochs: int | None = None  # saved with the patience: a resume must keep the length of training
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.monitor, self.tie_break = selection_metrics(pl_module)
+        self.max_epochs = trainer.max_epochs
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopped_epoch >= 0:  # resumed from a run that had already stopped early: it stays stopped
+            trainer.should_stop = True
+            rank_zero_info(f"the run stopped early after epoch {self.stopped_epoch}; no further epoch is trained")
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
         loss = float(trainer.callback_metrics.get(self.tie_break, math.inf))
@@ -80,7 +87,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "best_epoch": self.best_epoch, "best_tie_break": self.best_tie_break,
-                "patience": self.patience, "stopped_epoch": self.stopped_epoch}
+                "patience": self.patience, "stopped_epoch": self.stopped_epoch, "max_epochs": self.max_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath", self.dirpath)

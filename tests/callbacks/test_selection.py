@@ -87,6 +87,17 @@ def test_the_best_epoch_and_its_loss_survive_a_resume(tmp_path):
     assert (resumed.best_epoch, resumed.best_tie_break, resumed.stopped_epoch) == (7, 0.25, 10)
 
 
+def test_a_run_resumed_after_it_stopped_early_trains_no_further_epoch(tmp_path):
+    curve = [(0.5, 0.9), (0.4, 0.9), (0.4, 0.9), (0.9, 0.1), (0.95, 0.1)]
+    _, stopped = train(tmp_path, curve, patience=2, last=True)
+    assert stopped.current_epoch == 3  # stopped after epoch 2, before epoch 3's 0.9
+    best = BestCheckpoint(tmp_path, patience=2)
+    trainer = L.Trainer(max_epochs=len(curve), callbacks=[best, LastCheckpoint(tmp_path)], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ScriptedValidation(curve), ckpt_path=tmp_path / "last.ckpt")  # a requeue, or a crash in the test
+    assert trainer.current_epoch == 3 and best.best_epoch == 0 and best.stopped_epoch == 2
+
+
 def test_without_patience_training_runs_its_whole_budget(tmp_path):
     best, trainer = train(tmp_path, [(0.9, 0.1)] + [(0.5, 0.9)] * 5)
     assert best.best_epoch == 0 and best.stopped_epoch == -1 and trainer.current_epoch == 6
