@@ -14,6 +14,7 @@ network's own, val_network_acc and val_network_loss, since the frozen linear mod
 
 from __future__ import annotations
 
+import filecmp
 import math
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,9 @@ class BestCheckpoint(ModelCheckpoint):
             return
         source, target = Path(saved), Path(self.dirpath) / Path(saved).name
         if target.exists():
-            if checkpoint_epoch(target) == state_dict.get("best_epoch", checkpoint_epoch(target)):
+            # the same file as the other folder's, or, that one gone (a moved run), one of the same epoch
+            if (filecmp.cmp(source, target, shallow=False) if source.exists()
+                    else checkpoint_epoch(target) == state_dict.get("best_epoch", checkpoint_epoch(target))):
                 return
             raise UserError(f"cannot resume into {self.dirpath}: its {target.name} is not the best epoch the "
                             "checkpoint names; resume into a new run folder (another --run_name)")

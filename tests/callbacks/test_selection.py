@@ -142,6 +142,11 @@ def test_a_resume_whose_best_checkpoint_is_gone_or_would_be_overwritten_is_refus
     train(tmp_path / "other", [(0.9, 0.1)])  # a best.ckpt of epoch 0, not the checkpoint's epoch 2
     with pytest.raises(UserError, match="its best.ckpt is not the best epoch the checkpoint names"):
         BestCheckpoint(tmp_path / "other").load_state_dict(saved)
+    train(tmp_path / "same-epoch", CURVE, last=True)  # another run whose best is of the same epoch, 2
+    before = (tmp_path / "same-epoch" / "best.ckpt").read_bytes()
+    with pytest.raises(UserError, match="its best.ckpt is not the best epoch the checkpoint names"):
+        BestCheckpoint(tmp_path / "same-epoch").load_state_dict(saved)
+    assert (tmp_path / "same-epoch" / "best.ckpt").read_bytes() == before
     (tmp_path / "a" / "best.ckpt").unlink()
     with pytest.raises(UserError, match=r"a/best.ckpt, which no longer exists, and .*/b holds no best.ckpt"):
         BestCheckpoint(tmp_path / "b").load_state_dict(saved)
