@@ -79,3 +79,17 @@ def test_calibrate_false_keeps_temperature_one(tmp_path, tiny_csv):
     metrics = json.loads((tmp_path / "runs" / "plain" / "metrics.json").read_text())
     assert metrics["temperature"] == 1.0 and metrics["test_ece"] == metrics["test_ece_uncalibrated"]
     assert metrics["test_nll"] == pytest.approx(metrics["test_nll_uncalibrated"])
+
+
+def test_a_run_resumed_from_a_calibrated_checkpoint_does_not_carry_its_temperature_on(tmp_path, tiny_csv):
+    args = ["--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.max_epochs", "3", "--model.lr", "0",
+            "--trainer.logger", "false", "--baseline", "false", "--output_dir", str(tmp_path / "runs")]
+    proc = fit(*args, "--run_name", "calibrated", cwd=tmp_path)  # lr 0: no epoch beats the first, which is kept
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = tmp_path / "runs" / "calibrated" / "best.ckpt"
+    assert checkpoint_data(best)["calibration"]["temperature"] != 1.0
+    proc = fit(*args, "--run_name", "resumed", "--ckpt_path", str(best), "--calibrate", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the checkpoints this training writes carry no temperature: it was fitted to the weights resumed from
+    assert checkpoint_data(tmp_path / "runs" / "resumed" / "last.ckpt")["calibration"] is None
+

@@ -48,6 +48,12 @@ class CalibrationReport(Callback):
         self.run_dir = run_dir
         self.gathered: _Gathered | None = None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A temperature restored with a resumed checkpoint was fitted to that checkpoint's weights: the checkpoints
+        # of this training carry none, until calibration fits one to the weights the run keeps.
+        if getattr(trainer.datamodule, "calibration", None) is not None:
+            trainer.datamodule.calibration = None
+
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.gathered = _Gathered().to(pl_module.device)
 
