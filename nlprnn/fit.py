@@ -225,6 +225,8 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
                 best.adopt_best(state, copy=trainer.is_global_zero)  # resumed into another folder
             del checkpoint, states, state
         if trainer.is_global_zero:
+            for leftover in cli.run_dir.glob(".*.tmp"):  # what a kill -9 during a write left (see nlprnn.atomic)
+                leftover.unlink(missing_ok=True)
             write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
             saved = data.state_dict()  # what every checkpoint carries: the run folder's copies come from it too
             write_text(cli.run_dir / "tokenizer.json", saved["tokenizer"])

@@ -53,9 +53,17 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
             f"{run_dir} already holds a run; choose another --run_name, or resume it with --ckpt_path last"
         )
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
         raise UserError(f"--output_dir {root} is not a folder (a file is in its way); name a folder") from None
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
+    if run_dir.is_dir():  # made empty beforehand
+        return run_dir
+    try:
+        run_dir.mkdir()  # atomic: of two runs started at once with one --run_name, one makes it
+    except FileExistsError:
+        raise UserError(f"another run has just claimed {run_dir}; choose another --run_name") from None
     except OSError as err:
         raise UserError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
     return run_dir

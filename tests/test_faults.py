@@ -117,8 +117,10 @@ def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_pa
     assert (position["epoch"], position["position"], position["batch_size"]) == (0, 5, 16)
     assert "combined_loader" not in saved["loops"]["fit_loop"]["state_dict"]  # restored in one place only
     TextClassifier.load_from_checkpoint(out / "stopped" / "last.ckpt", map_location="cpu")
+    (out / "stopped" / ".last.ckpt.k9x2.tmp").write_bytes(b"half a checkpoint")  # as a kill -9 mid-write leaves it
 
     main(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"))
+    assert not list((out / "stopped").glob(".*.tmp"))  # the resume removed it
     main(tiny(tiny_csv, out, "uninterrupted"))
     assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
 

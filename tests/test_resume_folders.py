@@ -50,3 +50,20 @@ def test_a_resume_into_a_new_folder_copies_the_best_checkpoint_and_leaves_the_ot
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("nlprnn.fit: error: cannot resume: the checkpoint's best epoch was saved as ")
     assert not (out / "third").exists()
+
+
+def test_of_two_runs_started_at_once_with_one_run_name_one_is_refused(tmp_path, monkeypatch):
+    from nlprnn.errors import UserError
+    from nlprnn.run_dir import claim_run_dir
+
+    mkdir = Path.mkdir
+
+    def the_other_run_claims_it_first(self, *args, **kwargs):
+        if self.name == "same" and not args and not kwargs:
+            mkdir(self)  # between this run's look and its own mkdir
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", the_other_run_claims_it_first)
+    with pytest.raises(UserError, match=r"another run has just claimed .*runs/same; choose another --run_name"):
+        claim_run_dir(tmp_path / "runs", "same", resuming=False)
+    assert claim_run_dir(tmp_path / "runs", "fresh", resuming=False).is_dir()
