@@ -452,6 +452,8 @@ def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool) -> d
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # nlprnn restores the place in the epoch itself (nlprnn.callbacks.resume), which Lightning cannot see
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     fit_threads_to_machine()
     try:
         cli = FitCLI(
