@@ -84,7 +84,23 @@ def load_splits(spec: SourceSpec):
         if len(ds) == 0:
             raise UserError(f"the {split} split is empty; give it some examples or leave its file out to split it from train")
     _check_every_label_is_trained(splits)
+    if spec.files:  # the built-in datasets are documented with their repeats (see the catalog)
+        _warn_of_texts_also_in_training(splits)
     return datasets.DatasetDict(splits)
+
+
+def _warn_of_texts_also_in_training(splits: dict) -> None:
+    """A warning that counts the validation and test texts that training has word for word: a score on them
+    measures memory, not generalisation."""
+    import pyarrow.compute as pc
+
+    train = splits["train"].with_format("arrow", columns=["text"])[:]["text"]
+    for split in ("validation", "test"):
+        held = splits[split].with_format("arrow", columns=["text"])[:]["text"]
+        repeated = pc.sum(pc.is_in(held, value_set=pc.unique(train))).as_py() or 0
+        if repeated:
+            log.warning("%d of the %d %s texts also appear in the training split, word for word; remove repeated "
+                        "texts from the data to score what the model has not seen", repeated, len(held), split)
 
 
 def _read_file(path: Path, spec: SourceSpec):

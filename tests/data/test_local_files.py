@@ -247,3 +247,18 @@ def test_a_label_only_on_empty_texts_or_only_in_held_out_data_is_refused(tmp_pat
     train = write_csv(tmp_path / "train.csv", make_examples(40) + [{"text": "  ", "label": "neutral"}])
     test = write_csv(tmp_path / "test.csv", [{"text": "meh", "label": "neutral"}, {"text": "great", "label": "positive"}])
     assert bad(tmp_path, train_file=str(train), test_file=str(test)).startswith("label(s) 'neutral' appear")
+
+
+def test_held_out_texts_that_training_has_word_for_word_are_counted(tmp_path, caplog):
+    rows = make_examples(100)
+    path = write_csv(tmp_path / "repeats.csv", rows + rows[:50])  # 50 texts twice
+    splits = load_splits(SourceSpec(train_file=str(path)))
+    train = set(splits["train"]["text"])
+    for split in ("validation", "test"):
+        repeated = sum(text in train for text in splits[split]["text"])
+        assert repeated > 0
+        assert (f"{repeated} of the {len(splits[split])} {split} texts also appear in the training split, word for "
+                "word") in caplog.text
+    caplog.clear()
+    load_splits(SourceSpec(train_file=str(write_csv(tmp_path / "once.csv", rows))))
+    assert "also appear in the training split" not in caplog.text
