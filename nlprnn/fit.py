@@ -400,11 +400,15 @@ def report_stop(cli: FitCLI) -> None:
         problem = slurm.requeue()
         if problem:
             raise UserError(f"last.ckpt is saved, but `scontrol requeue {slurm.job_id()}` failed ({problem}); "
-                            f"continue with --run_name {cli.run_name} --output_dir {cli.config.output_dir} "
-                            "--ckpt_path last")
+                            f"continue with {resume_command(cli)}")
     else:
-        print(f"nlprnn.fit: stopped by SIGTERM at step {step}; resume with --run_name {cli.run_name} "
-              f"--output_dir {cli.config.output_dir} --ckpt_path last", file=sys.stderr)
+        print(f"nlprnn.fit: stopped by SIGTERM at step {step}; resume with {resume_command(cli)}", file=sys.stderr)
+
+
+def resume_command(cli: FitCLI) -> str:
+    """The command that continues this run: its own config.yaml holds every setting it was started with (derived
+    ones left open, to be derived alike), so no option can be forgotten or changed on the way."""
+    return f"python -m nlprnn.fit --config {cli.run_dir / 'config.yaml'} --ckpt_path last"
 
 
 EXTRAS = {"tensorboard": "nlprnn[tensorboard]"}  # packages an extra of nlprnn installs

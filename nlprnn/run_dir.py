@@ -49,9 +49,9 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run_name")
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(
-            f"{run_dir} already holds a run; choose another --run_name, or resume it with --ckpt_path last"
-        )
+        config = run_dir / "config.yaml"
+        how = f"python -m nlprnn.fit --config {config} --ckpt_path last" if config.exists() else "--ckpt_path last"
+        raise UserError(f"{run_dir} already holds a run; choose another --run_name, or resume it with {how}")
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be

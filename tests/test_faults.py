@@ -110,7 +110,8 @@ def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_pa
     proc.wait(timeout=120)
     stderr = log.read_text()
     assert proc.returncode == 143, stderr[-3000:]
-    assert "stopped by SIGTERM at step 5; resume with --run_name stopped" in stderr
+    resume = f"python -m nlprnn.fit --config {out / 'stopped' / 'config.yaml'} --ckpt_path last"
+    assert f"stopped by SIGTERM at step 5; resume with {resume}\n" in stderr
     assert "Traceback" not in stderr
     saved = load(out / "stopped" / "last.ckpt")
     assert saved["global_step"] == 5
@@ -120,7 +121,7 @@ def test_sigterm_saves_a_loadable_last_checkpoint_and_resume_continues_it(tmp_pa
     TextClassifier.load_from_checkpoint(out / "stopped" / "last.ckpt", map_location="cpu")
     (out / "stopped" / ".last.ckpt.k9x2.tmp").write_bytes(b"half a checkpoint")  # as a kill -9 mid-write leaves it
 
-    main(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"))
+    main(resume.split()[3:])  # as printed: the run folder's config.yaml holds the rest
     assert not list((out / "stopped").glob(".*.tmp"))  # the resume removed it
     main(tiny(tiny_csv, out, "uninterrupted"))
     assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))

@@ -125,7 +125,14 @@ def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
     proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
                "--run_name", "taken", cwd=tmp_path)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert proc.stderr.strip().endswith("or resume it with --ckpt_path last")
     assert (tmp_path / "runs" / "taken" / "best.ckpt").read_text() == "precious"
+    (tmp_path / "runs" / "taken" / "config.yaml").write_text("run_name: taken\n")  # a run that had started
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
+               "--run_name", "taken", cwd=tmp_path)
+    config = tmp_path / "runs" / "taken" / "config.yaml"
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"or resume it with python -m nlprnn.fit --config {config} --ckpt_path last")
 
 
 def test_processes_started_by_torchrun_need_a_run_name(tmp_path, tiny_csv, monkeypatch):
