@@ -73,6 +73,6 @@ def test_a_failed_requeue_is_one_line_and_keeps_the_checkpoint(tmp_path, tiny_cs
     assert proc.returncode == 2, output[-3000:]
     assert output.strip().splitlines()[-1] == (
         "nlprnn.fit: error: last.ckpt is saved, but `scontrol requeue 4711` failed (Invalid job id specified); "
-        f"continue with --run_name tiny-slurm4711.0 --output_dir {out} --ckpt_path last"
+        f"continue with python -m nlprnn.fit --config {out / 'tiny-slurm4711.0' / 'config.yaml'} --ckpt_path last"
     )
     assert load(out / "tiny-slurm4711.0" / "last.ckpt")["global_step"] == 3
