@@ -33,7 +33,7 @@ from nlprnn.callbacks.checkpoint_io import AtomicCheckpointIO
 from nlprnn.callbacks.last_checkpoint import LastCheckpoint
 from nlprnn.callbacks.nonfinite import NonFiniteLossGuard
 from nlprnn.callbacks.report import ConfusionMatrixReport
-from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable
+from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable, check_same_batches
 from nlprnn.callbacks.selection import BestCheckpoint
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
@@ -215,7 +215,7 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
             checkpoint = check_resumable(Path(ckpt_path))
             check_same_data(checkpoint, data, name)  # first: a changed setting is named, not its effect on batches
             sampler = data.batch_sampler("train", shuffle=True, world_size=trainer.world_size)
-            check_resumable(Path(ckpt_path), sampler, checkpoint)
+            check_same_batches(checkpoint, sampler, name)
             check_same_model(checkpoint, model, name)
             best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
             states = checkpoint.get("callbacks", {})

@@ -6,6 +6,7 @@
 - last_checkpoint: LastCheckpoint: last.ckpt every N steps, at each epoch end and on SIGTERM.
 - selection: BestCheckpoint: best.ckpt by validation accuracy, ties to the lower loss, and early stopping by the same rule.
 - checkpoint_io: AtomicCheckpointIO: a checkpoint on disk is never half-written.
-- resume: RestoreLoaderPosition + check_resumable: a resumed epoch continues with the batch after the last
-  one trained on, and a resume whose batches would differ (batch size, world size, seed, data) is refused.
+- resume: RestoreLoaderPosition, check_resumable and check_same_batches: a resumed epoch continues with the batch
+  after the last one trained on, and a resume whose batches would differ (batch size, world size, seed, data) is
+  refused.
 """

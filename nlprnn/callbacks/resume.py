@@ -1,8 +1,8 @@
 """Resuming the same batches: a resumed epoch continues with the batch after the last one trained on.
 
-RestoreLoaderPosition saves and restores the batch sampler's position; check_resumable refuses, before
-anything is written, a checkpoint that is unreadable or whose batches would differ (batch size, world
-size, seed, data).
+RestoreLoaderPosition saves and restores the batch sampler's position; check_resumable and check_same_batches
+refuse, before anything is written, a checkpoint that is unreadable or whose batches would differ (batch size,
+world size, seed, data).
 """
 
 from __future__ import annotations
@@ -72,27 +72,8 @@ class RestoreLoaderPosition(Callback):
             raise resume_refusal(name, err.changes) from None
 
 
-def check_resumable(
-    path: Path, sampler: BucketBatchSampler | None = None, checkpoint: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The checkpoint at `path` (its tensors memory-mapped); UserError unless it is complete, with training state.
-
-    With `sampler` (the training batches this run would make), also unless the checkpoint's batches
-    are the same ones, so a position in its epoch means the same examples here. `checkpoint`: the one at
-    `path`, already checked and loaded.
-    """
-    if checkpoint is None:
-        checkpoint = _readable(path)
-    if sampler is not None:
-        saved = RestoreLoaderPosition.saved_state(checkpoint)
-        if saved is None:
-            raise no_saved_position(path.name)
-        if changes := sampler.changes(saved):
-            raise resume_refusal(path.name, changes)
-    return checkpoint
-
-
-def _readable(path: Path) -> dict[str, Any]:
+def check_resumable(path: Path) -> dict[str, Any]:
+    """The checkpoint at `path` (its tensors memory-mapped); UserError unless it is complete, with training state."""
     if not path.is_file():
         raise UserError(f"cannot resume: there is no checkpoint at {path}")
     try:
@@ -106,6 +87,16 @@ def _readable(path: Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not {"state_dict", "optimizer_states", "loops"} <= checkpoint.keys():
         raise UserError(f"cannot resume: {path} holds no training state (model, optimizer and loop positions)")
     return checkpoint
+
+
+def check_same_batches(checkpoint: dict[str, Any], sampler: BucketBatchSampler, checkpoint_name: str) -> None:
+    """UserError unless `checkpoint`'s training batches are those `sampler` (this run's) makes, so that a position
+    in its epoch means the same examples here."""
+    saved = RestoreLoaderPosition.saved_state(checkpoint)
+    if saved is None:
+        raise no_saved_position(checkpoint_name)
+    if changes := sampler.changes(saved):
+        raise resume_refusal(checkpoint_name, changes)
 
 
 def no_saved_position(checkpoint_name: str) -> UserError:
