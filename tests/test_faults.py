@@ -138,6 +138,28 @@ class TermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class TermInValidation(Callback):
+    """Sends this process SIGTERM as the first epoch's validation starts (not the sanity check)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_during_validation_lets_the_epoch_validate_then_stops(tmp_path, tiny_csv):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"), callbacks=[TermInValidation()])
+    assert exit_info.value.code == 143
+    saved = load(out / "stopped" / "last.ckpt")
+    (best,) = [s for k, s in saved["callbacks"].items() if k.startswith("BestCheckpoint")]
+    assert saved["global_step"] == STEPS_PER_EPOCH and best["best_epoch"] == 0  # the epoch's validation is in it
+    assert load(out / "stopped" / "best.ckpt")["epoch"] == 0
+    main(tiny(tiny_csv, out, "stopped", "--ckpt_path", "last"))
+    main(tiny(tiny_csv, out, "uninterrupted"))
+    assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
+
+
 class RecordBatches(Callback):
     """Every training batch's epoch and examples (its token ids and labels), in the order trained."""
 

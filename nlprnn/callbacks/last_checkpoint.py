@@ -16,7 +16,9 @@ class LastCheckpoint(Callback):
     """Keeps `<dirpath>/last.ckpt` current.
 
     Writes it every `every_n_steps` optimizer steps (0: not within epochs), at each epoch end (after
-    validation) and when SIGTERM stops the run; `guard` is checked before every write.
+    validation) and when SIGTERM stops the run; `guard` is checked before every write. A SIGTERM that comes
+    during an epoch's validation waits for the validation to end: stopped in the middle, last.ckpt would hold
+    the epoch's training but not its validation, which a resume never runs.
     """
 
     def __init__(self, dirpath: Path, every_n_steps: int = 0, guard: NonFiniteLossGuard | None = None) -> None:
@@ -24,6 +26,7 @@ class LastCheckpoint(Callback):
         self.every_n_steps = every_n_steps
         self.guard = guard
         self._saved_step = -1
+        self._deferred_sigterm = False
 
     def save(self, trainer: L.Trainer) -> None:
         if self.guard is not None:
@@ -39,6 +42,16 @@ class LastCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        connector = trainer._signal_connector  # Lightning reads its flag right after this hook, to stop validating
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and connector.received_sigterm:
+            connector.received_sigterm, self._deferred_sigterm = False, True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._deferred_sigterm:  # the fit loop stops once the epoch is complete, after last.ckpt is written
+            trainer._signal_connector.received_sigterm, self._deferred_sigterm = True, False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException between two batches, so the state is consistent.
