@@ -227,6 +227,7 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
         if trainer.is_global_zero:
             for leftover in cli.run_dir.glob(".*.tmp"):  # what a kill -9 during a write left (see nlprnn.atomic)
                 leftover.unlink(missing_ok=True)
+            cli.config.run_name = cli.run_name  # chosen when not given: the folder's config.yaml resumes this run
             write_text(cli.run_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
             saved = data.state_dict()  # what every checkpoint carries: the run folder's copies come from it too
             write_text(cli.run_dir / "tokenizer.json", saved["tokenizer"])
@@ -298,15 +299,22 @@ def check_same_data(checkpoint: dict[str, Any], data: TextDataModule, checkpoint
     saved = checkpoint.get(TextDataModule.__qualname__) or {}
     current = data.state_dict()
     then, now = saved.get("data") or {}, current["data"]
-    changed = [key for key in sorted(then.keys() & now.keys()) if then[key] != now[key]]
+
+    def same(key: str) -> bool:  # a file named relatively or absolutely is the same file
+        if key.endswith("_file") and then[key] and now[key]:
+            return Path(then[key]).resolve() == Path(now[key]).resolve()
+        return then[key] == now[key]
+
+    changed = [key for key in sorted(then.keys() & now.keys()) if not same(key)]
     if changed:
         shown = ", ".join(f"data.{key} {then[key]!r} then, {now[key]!r} now" for key in changed[:MODEL_CHANGES_SHOWN])
         raise UserError(f"cannot resume: the data settings differ from {checkpoint_name}'s ({shown}); resume with "
                         "the settings it was trained with (in the run folder's config.yaml), or start a new run")
     if saved.get("tokenizer") is not None and saved["tokenizer"] != current["tokenizer"]:
         raise UserError(f"cannot resume: the tokenizer differs from {checkpoint_name}'s (the training data's words or "
-                        "the data.tokenizer settings changed), so token ids would name other words; resume with the "
-                        "data and settings it was trained with, or start a new run")
+                        "the data.tokenizer settings changed, or the data cache was rebuilt: a wordpiece or unigram "
+                        "tokenizer trains differently each time), so token ids would name other words; resume with "
+                        "the data, settings and cache it was trained with, or start a new run")
 
 
 def check_same_budget(saved: dict[str, Any], max_epochs: int | None, patience: int | None, checkpoint_name: str) -> None:

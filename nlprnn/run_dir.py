@@ -13,6 +13,7 @@ from nlprnn.errors import UserError
 
 # Set by the launching process so that the processes it starts for other devices use its folder.
 RUN_NAME_ENV = "NLPRNN_RUN_NAME"
+CLAIM_FILE = ".claimed"  # made first in a new run folder, by one run only
 
 
 @contextmanager
@@ -58,10 +59,10 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
         raise UserError(f"--output_dir {root} is not a folder (a file is in its way); name a folder") from None
     except OSError as err:
         raise UserError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
-    if run_dir.is_dir():  # made empty beforehand
-        return run_dir
     try:
-        run_dir.mkdir()  # atomic: of two runs started at once with one --run_name, one makes it
+        run_dir.mkdir(exist_ok=True)  # it may have been made empty beforehand
+        # atomic: of two runs started at once with one --run_name, one creates the claim and the other is refused
+        os.close(os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         raise UserError(f"another run has just claimed {run_dir}; choose another --run_name") from None
     except OSError as err:

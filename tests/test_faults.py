@@ -245,6 +245,9 @@ def test_resuming_with_other_data_or_another_length_of_training_is_refused_and_c
     swapped.write_text("\n".join([rows[0]] + [row.replace("great", "awful") for row in rows[1:]]) + "\n")
     args = tiny(tiny_csv, out, "stopped", "--ckpt_path", "last")
 
+    relative = os.path.relpath(tiny_csv)  # the same file, named otherwise: resumable (refused below for the budget)
+    assert refused([*args, "--data.train_file", relative, "--trainer.max_epochs", "5"], capsys).startswith(
+        "cannot resume: training was planned for 3 epochs")
     line = refused([*args, "--data.train_file", str(swapped)], capsys)
     assert line == (f"cannot resume: the data settings differ from last.ckpt's (data.train_file {str(tiny_csv)!r} "
                     f"then, {str(swapped)!r} now); resume with the settings it was trained with (in the run folder's "

@@ -66,6 +66,7 @@ def test_fast_dev_run_without_a_logger(tmp_path, tiny_csv):
     (run,) = (tmp_path / "runs").iterdir()  # a unique default name
     assert "tiny" in run.name
     assert (run / "metrics.json").exists() and not (run / "wandb").exists()
+    assert f"\nrun_name: {run.name}\n" in (run / "config.yaml").read_text()  # so that --config resumes this run
 
 
 def test_print_config_starts_from_the_default_recipe(tmp_path):

@@ -56,14 +56,18 @@ def test_of_two_runs_started_at_once_with_one_run_name_one_is_refused(tmp_path, 
     from nlprnn.errors import UserError
     from nlprnn.run_dir import claim_run_dir
 
-    mkdir = Path.mkdir
+    mkdir, raced = Path.mkdir, set()
 
     def the_other_run_claims_it_first(self, *args, **kwargs):
-        if self.name == "same" and not args and not kwargs:
-            mkdir(self)  # between this run's look and its own mkdir
-        return mkdir(self, *args, **kwargs)
+        mkdir(self, *args, **kwargs)
+        if self.name in ("same", "made-empty") and self.name not in raced:  # between this run's look and its claim
+            raced.add(self.name)
+            claim_run_dir(self.parent, self.name, resuming=False)
 
     monkeypatch.setattr(Path, "mkdir", the_other_run_claims_it_first)
-    with pytest.raises(UserError, match=r"another run has just claimed .*runs/same; choose another --run_name"):
-        claim_run_dir(tmp_path / "runs", "same", resuming=False)
+    for name in ("same", "made-empty"):
+        if name == "made-empty":
+            mkdir(tmp_path / "runs" / name)  # an empty folder made beforehand: both runs would take it
+        with pytest.raises(UserError, match=f"another run has just claimed .*runs/{name}; choose another --run_name"):
+            claim_run_dir(tmp_path / "runs", name, resuming=False)
     assert claim_run_dir(tmp_path / "runs", "fresh", resuming=False).is_dir()

@@ -33,7 +33,7 @@ HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # pandas would guess: "NA", "None" or "null" as missing, "007" as the number 7, and a first row with one field too
-# many as the index column. Only an empty field is missing; the text and label columns are read as written.
+# many as the index column. Only an empty field is missing; every column is read as written (see _read_file).
 CSV_OPTIONS = {"keep_default_na": False, "na_values": [""], "index_col": False}
 # file suffix -> (datasets builder, its options)
 FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -83,7 +83,7 @@ def load_splits(spec: SourceSpec):
     for split, ds in splits.items():
         if len(ds) == 0:
             raise UserError(f"the {split} split is empty; give it some examples or leave its file out to split it from train")
-    _check_every_label_is_trained(splits)
+    _check_every_label_is_trained(splits, labels_from_train=bool(spec.files))
     if spec.files:  # the built-in datasets are documented with their repeats (see the catalog)
         _warn_of_texts_also_in_training(splits)
     return datasets.DatasetDict(splits)
@@ -112,13 +112,13 @@ def _read_file(path: Path, spec: SourceSpec):
     if fmt is None:
         raise UserError(f"cannot read {path}: use one of {', '.join(FILE_FORMATS)}")
     builder, options = fmt
-    if builder == "csv":
-        options = {**options, "converters": {spec.text_column: str, spec.label_column: str}}
     readable = path
     if builder != "parquet":  # Parquet holds its strings already decoded
         readable, replaced = repair_utf8(path)
         if replaced:
             log.warning("replaced %d invalid UTF-8 byte sequence(s) in %s with U+FFFD", replaced, path)
+    if builder == "csv":  # every column as text: pandas types a column by chunk, and "NA" in a later one fails it
+        options = {**options, "converters": dict.fromkeys(_csv_header(readable, options), str)}
     try:
         ds = datasets.load_dataset(
             builder, data_files=str(readable), split="train", cache_dir=str(cache_dir() / "files"), **options
@@ -129,6 +129,12 @@ def _read_file(path: Path, spec: SourceSpec):
     _check_column_types(ds, str(path))
     check_labels(ds, str(path))
     return ds.cast_column("text", datasets.Value("string"))
+
+
+def _csv_header(path: Path, options: dict[str, Any]) -> list[str]:
+    """The column names in the first row of a CSV or TSV file (none for an empty file)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f, delimiter=options.get("delimiter", ","), quoting=options.get("quoting", csv.QUOTE_MINIMAL)), [])
 
 
 def _reason(err: BaseException) -> str:
@@ -148,7 +154,7 @@ def _check_column_types(ds, where: str) -> None:
 
     for column, what in (("text", "text"), ("label", "a label")):
         feature = ds.features[column]
-        if not isinstance(feature, datasets.Value) or feature.dtype in ("binary", "large_binary"):
+        if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):  # a list, a struct, or JSON of mixed types
             kinds = sorted({type(v).__name__ for v in ds.select(range(min(len(ds), 1000)))[column] if v is not None})
             raise UserError(f"the {column} column of {where} holds {' and '.join(kinds) or feature}, not {what} on "
                             "every row; give each row one string")
@@ -206,13 +212,19 @@ def _label_order(name: str) -> tuple:
         return (1, 0.0, name)
 
 
-def _check_every_label_is_trained(splits: dict) -> None:
-    """Every label must have training examples: one whose rows all had empty texts, or that only the held-out
-    splits have, would be a class the model never learns (and that a test can never fairly score)."""
+def _check_every_label_is_trained(splits: dict, labels_from_train: bool) -> None:
+    """Every label must have training examples: one whose rows all had empty texts (when the labels come from the
+    training rows), or that only the held-out splits have, would be a class the model never learns (and that a
+    test can never fairly score)."""
+    import pyarrow.compute as pc
+
+    def present(split: str) -> set[int]:  # the label column alone: Dataset.unique would rewrite the texts too
+        return set(pc.unique(splits[split].with_format("arrow", columns=["label"])[:]["label"]).to_pylist())
+
     names = splits["train"].features["label"].names
-    trained = set(splits["train"].unique("label"))
-    for split in ("train", "validation", "test"):
-        untrained = sorted(set(range(len(names))) - trained if split == "train" else set(splits[split].unique("label")) - trained)
+    trained = present("train")
+    for split in ("train", "validation", "test") if labels_from_train else ("validation", "test"):
+        untrained = sorted(set(range(len(names))) - trained if split == "train" else present(split) - trained)
         if untrained:
             shown = ", ".join(repr(names[i]) for i in untrained[:5])
             where = "only in rows with empty texts" if split == "train" else f"in the {split} split"

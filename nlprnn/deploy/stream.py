@@ -334,6 +334,8 @@ def _start_or_resume(job: Job, record: dict) -> None:
     job_file = job.output / JOB_FILE
     scored = any((job.output / DONE_FOLDER).glob("part-*.json")) or (job.output / SUCCESS_FILE).exists()
     if not job_file.exists() or not scored:  # a job that scored nothing yet (it failed, or was killed) starts anew
+        for part in job.output.glob("part-*"):  # written, but killed before its record: no part of this job
+            part.unlink()
         write_json(job_file, record)
         return
     started = json.loads(job_file.read_text())

@@ -262,3 +262,22 @@ def test_held_out_texts_that_training_has_word_for_word_are_counted(tmp_path, ca
     caplog.clear()
     load_splits(SourceSpec(train_file=str(write_csv(tmp_path / "once.csv", rows))))
     assert "also appear in the training split" not in caplog.text
+
+
+def test_other_csv_columns_are_read_as_text_whatever_their_later_rows_hold(tmp_path):
+    rows = [{"text": f"film number {i}", "label": "pos" if i % 2 else "neg", "score": "NA" if i == 11_000 else str(i)}
+            for i in range(12_000)]  # pandas reads in chunks of 10,000 rows: the first would type the column a number
+    path = write_csv(tmp_path / "scores.csv", rows, fieldnames=("text", "label", "score"))
+    assert sum(len(split) for split in load_splits(SourceSpec(train_file=str(path))).values()) == 12_000
+
+
+def test_a_parquet_file_written_by_datasets_with_a_class_label_is_read(tmp_path):
+    import datasets
+
+    rows = make_examples(40)
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    path = tmp_path / "exported.parquet"
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    splits = load_splits(SourceSpec(train_file=str(path)))
+    assert sum(len(split) for split in splits.values()) == 40 and len(splits["train"].features["label"].names) == 2

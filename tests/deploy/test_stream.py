@@ -243,9 +243,11 @@ def test_a_job_that_scored_nothing_starts_anew_with_other_input(bundle, tmp_path
     out = tmp_path / "out"
     out.mkdir()  # a job killed before its first part, over other input with another bundle, left its _job.json
     (out / "_job.json").write_text(json.dumps({"format": 1, "bundle_sha256": "another", "input": []}))
+    (out / "part-00003.parquet").write_bytes(b"its part, killed before its record")
     (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "good"}\n{"id": 2, "text": "bad"}\n')
     score(bundle, tmp_path / "in.jsonl", out)
     assert read_output(out).column("id").to_pylist() == [1, 2]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet"]
 
     locked_only = tmp_path / "locked-only"  # a kill between taking the lock and writing _job.json
     locked_only.mkdir()
