@@ -81,12 +81,23 @@ def parse_texts(body: bytes) -> list[str]:
         return ClassifyRequest.model_validate_json(body).texts
     except ValidationError as err:
         first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            why = shorten(str(first.get("ctx", {}).get("error", first["msg"])))
-            raise ApiError(400, f"the body is not valid JSON ({why})") from None
-        # Pieces are shortened: an unknown key is the client's own, and may be a megabyte long.
-        where = ".".join(shorten(str(part)) for part in first["loc"]) or "body"
-        raise ApiError(422, f'{where}: {shorten(first["msg"])}; send {{"texts": ["...", ...]}}') from None
+        if first["type"] != "json_invalid":
+            raise _not_texts(first) from None
+        why = shorten(str(first.get("ctx", {}).get("error", first["msg"])))
+    try:  # Python's parser also takes what JSON allows and pydantic's refuses: an escaped lone surrogate ("\ud800")
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, f"the body is not valid JSON ({why})") from None
+    try:
+        return ClassifyRequest.model_validate(value).texts  # the Predictor makes each lone surrogate a U+FFFD
+    except ValidationError as err:
+        raise _not_texts(err.errors()[0]) from None
+
+
+def _not_texts(first: Mapping) -> ApiError:
+    # Pieces are shortened: an unknown key is the client's own, and may be a megabyte long.
+    where = ".".join(shorten(str(part)) for part in first["loc"]) or "body"
+    return ApiError(422, f'{where}: {shorten(first["msg"])}; send {{"texts": ["...", ...]}}')
 
 
 ERRORS = {

@@ -136,6 +136,18 @@ def test_bad_requests_get_a_4xx_with_a_one_line_json_error_and_the_server_stays_
     assert server.classify(["good"])[0] == 200
 
 
+def test_an_escaped_lone_surrogate_is_valid_json_and_its_text_is_classified(server):
+    """JSON allows "\ud800" (half a pair, as a truncated emoji leaves it); the text is read with U+FFFD there."""
+    status, _, replaced = server.request("POST", "/v1/classify", json.dumps({"texts": ["good \ufffd movie"]}))
+    assert status == 200
+    status, _, raw = server.request("POST", "/v1/classify", '{"texts": ["good \\ud800 movie"]}')
+    assert status == 200 and json.loads(raw) == json.loads(replaced)
+    status, _, raw = server.request("POST", "/v1/explain", '{"texts": ["good \\ud800 movie"]}')
+    assert status == 200 and [w["word"] for w in json.loads(raw)["results"][0]["explanation"]][0] == "good"
+    status, _, raw = server.request("POST", "/v1/classify", '{"texts": ["\\ud800", 3]}')
+    assert status == 422 and "texts.1: Input should be a valid string" in json.loads(raw)["error"]
+
+
 def test_a_405_says_which_methods_the_path_takes(server):
     status, headers, _ = server.request("GET", "/v1/classify")
     assert status == 405 and headers["allow"] == "POST"
