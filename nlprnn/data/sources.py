@@ -94,10 +94,10 @@ def _warn_of_texts_also_in_training(splits: dict) -> None:
     measures memory, not generalisation."""
     import pyarrow.compute as pc
 
-    train = splits["train"].with_format("arrow", columns=["text"])[:]["text"]
+    trained = pc.unique(splits["train"].with_format("arrow", columns=["text"])[:]["text"])  # once, for both splits
     for split in ("validation", "test"):
         held = splits[split].with_format("arrow", columns=["text"])[:]["text"]
-        repeated = pc.sum(pc.is_in(held, value_set=pc.unique(train))).as_py() or 0
+        repeated = pc.sum(pc.is_in(held, value_set=trained)).as_py() or 0
         if repeated:
             log.warning("%d of the %d %s texts also appear in the training split, word for word; remove repeated "
                         "texts from the data to score what the model has not seen", repeated, len(held), split)
