@@ -108,6 +108,29 @@ def test_export_is_exact_with_a_linear_blend(tmp_path, cell):
     assert_exact_export(model, tmp_path)
 
 
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_padding_that_overflows_a_relu_recurrence_changes_nothing_in_onnx(tmp_path, pooling):
+    """A relu recurrence with gain 1.5 runs on through 300 padding steps past float32's largest value: the
+    graph, like PyTorch, keeps those states out of every result (inf * 0 would be NaN)."""
+    model = tiny_model("rnn_relu", "bidirectional", pooling).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            for rnn in layer:
+                rnn.weight_hh_l0.copy_(1.5 * torch.eye(4))
+                rnn.bias_hh_l0.fill_(0.1)
+    export_onnx(model, tmp_path / "model.onnx")
+    session = make_session(tmp_path / "model.onnx", threads=1)
+    ids, lengths = random_batch([3, 5])
+    padded = np.pad(ids, ((0, 0), (0, 300)))
+    (alone,) = session.run(["logits"], {"input_ids": ids, "lengths": lengths})
+    (far,) = session.run(["logits"], {"input_ids": padded, "lengths": lengths})
+    with torch.no_grad():
+        torch_far = model(torch.from_numpy(padded), torch.from_numpy(lengths)).numpy()
+    assert np.isfinite(far).all()
+    assert np.abs(far - alone).max() <= TOLERANCE
+    assert np.abs(torch_far - alone).max() <= TOLERANCE
+
+
 def assert_exact_export(model: TextClassifier, tmp_path: Path) -> None:
     """ONNX logits within TOLERANCE of PyTorch's on 17 mixed lengths 1..300 and on single rows of 1 and 300."""
     model.eval()

@@ -115,7 +115,8 @@ class RNNEncoder(nn.Module):
                     outputs.append(self._recur(rnn, x))
             y = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]  # (B, T, output_dim)
             x = y + x if self.residual and y.shape == x.shape else y
-        x = x * mask
+        # where, not a product: a relu recurrence may run on through padding to inf, and inf * 0 is NaN
+        x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
         # The state after the last token in each direction's reading order: position length-1 read
         # forward, position 0 read backward.
         last_pos = (lengths - 1).view(batch, 1, 1)

@@ -28,10 +28,12 @@ class Pooling(nn.Module):
             return encoded.last
         states = encoded.outputs
         mask = torch.arange(states.size(1), device=states.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        if self.kind == "mean":  # masked, so padding states need not be zero
-            return (states * mask.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1).to(states.dtype)
+        if self.kind == "mean":  # masked (by where: inf * 0 is NaN), so padding states need not be zero or finite
+            real = torch.where(mask.unsqueeze(-1), states, torch.zeros((), dtype=states.dtype, device=states.device))
+            return real.sum(1) / lengths.unsqueeze(1).to(states.dtype)
         if self.kind == "max":
             return states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         scores = self.score(states).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
         weights = torch.softmax(scores, dim=1).unsqueeze(-1)  # (B, T, 1)
-        return (weights * states).sum(1)
+        real = torch.where(mask.unsqueeze(-1), states, torch.zeros((), dtype=states.dtype, device=states.device))
+        return (weights * real).sum(1)

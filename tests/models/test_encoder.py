@@ -189,6 +189,32 @@ def test_padding_never_changes_an_encoding(cell, direction, pooling, stack, mix)
             assert torch.all(out.outputs[b, n:] == 0)
 
 
+def growing_relu_encoder(direction: str, pooling: str) -> tuple[RNNEncoder, Pooling]:
+    """A relu recurrence with gain 1.5: run on through 300 padding steps, its states pass float32's largest value."""
+    torch.manual_seed(0)
+    encoder = RNNEncoder(INPUT, cell="rnn_relu", hidden_size=HIDDEN, direction=direction, num_layers=2)
+    with torch.no_grad():
+        for layer in encoder.layers:
+            for rnn in layer:
+                rnn.weight_hh_l0.copy_(1.5 * torch.eye(HIDDEN))
+                rnn.bias_hh_l0.fill_(0.1)
+    return encoder.eval(), Pooling(pooling, encoder.output_dim).eval()
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_padding_that_overflows_a_relu_recurrence_changes_nothing(direction, pooling):
+    encoder, pool_layer = growing_relu_encoder(direction, pooling)
+    x, lens = padded_batch([3, 5], 300, seed=0)
+    with torch.no_grad():
+        out = encoder(x, lens)
+        pooled = pool_layer(out, lens)
+        for b, n in enumerate([3, 5]):
+            alone = encoder(x[b : b + 1, :n], lens[b : b + 1])
+            assert max_diff(pooled[b], pool_layer(alone, lens[b : b + 1])[0]) <= TOL
+            assert torch.all(out.outputs[b, n:] == 0)
+
+
 # --- PyTorch's own stacks on packed sequences -----------------------------------------------------
 
 TORCH_CELLS = {
