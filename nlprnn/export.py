@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,10 @@ def check_batch(rows: int, max_length: int, vocab_size: int, pad_id: int, seed: 
 
 
 def max_logit_difference(model: TextClassifier, model_file: Path, max_length: int) -> float:
-    """Largest |ONNX - PyTorch| logit on a mixed-length batch and on its longest row alone."""
+    """Largest |ONNX - PyTorch| logit on a mixed-length batch and on its longest row alone.
+
+    inf where ONNX gives a NaN or inf that PyTorch does not; NaN where PyTorch's own logits are not finite.
+    """
     from nlprnn.deploy.predictor import make_session
 
     session = make_session(model_file, threads=1)  # a small check; it need not take the machine
@@ -115,7 +119,10 @@ def max_logit_difference(model: TextClassifier, model_file: Path, max_length: in
         onnx_logits = session.run([OUTPUT_NAMES[0]], {INPUT_NAMES[0]: batch_ids, INPUT_NAMES[1]: batch_lengths})[0]
         with torch.inference_mode():
             torch_logits = model(torch.from_numpy(batch_ids), torch.from_numpy(batch_lengths)).float().numpy()
-        worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+        if not np.isfinite(torch_logits).all():
+            return math.nan
+        gap = np.abs(onnx_logits - torch_logits)  # max() would drop a NaN: max(0.0, nan) is 0.0
+        worst = max(worst, float(gap.max()) if np.isfinite(gap).all() else math.inf)
     return worst
 
 
@@ -188,7 +195,12 @@ def export_model(
         (scratch / MANIFEST_FILE).write_text(manifest.to_json())
         read_bundle(scratch)  # what we wrote, the reader accepts
         difference = max_logit_difference(model, scratch / MODEL_FILE, max_length)
-        if not difference <= TOLERANCE:  # also catches NaN
+        if math.isnan(difference):
+            raise ExportCheckFailed(
+                f"the model's own logits are NaN or infinite on the check batch (its weights hold NaN or inf, or "
+                f"overflow); no bundle was written to {out}"
+            )
+        if not difference <= TOLERANCE:
             raise ExportCheckFailed(
                 f"the ONNX model's logits differ from PyTorch's by {difference:.3g} (tolerance {TOLERANCE:g}); "
                 f"no bundle was written to {out}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -157,14 +158,14 @@ def test_a_short_tracing_example_still_serves_long_texts(tmp_path, tokenizer_fil
     np.testing.assert_allclose(predictor.score([text]).logits, expected, rtol=0, atol=TOLERANCE)
 
 
-def exporting_a_different_model(monkeypatch) -> None:
+def exporting_a_different_model(monkeypatch, shift: float = 0.1) -> None:
     """Make export write a model whose output layer differs from the one it checks against."""
     real_export_onnx = export.export_onnx
 
     def export_perturbed(model, path, example_length=export.EXAMPLE_LENGTH):
         other = copy.deepcopy(model)
         with torch.no_grad():
-            other.head[-1].bias[0] += 0.1  # one class: the same shift of all of them is no change at all
+            other.head[-1].bias[0] += shift  # one class: the same shift of all of them is no change at all
         real_export_onnx(other, path, example_length)
 
     monkeypatch.setattr(export, "export_onnx", export_perturbed)
@@ -176,6 +177,24 @@ def test_a_failed_check_leaves_no_bundle(tmp_path, tokenizer_file, monkeypatch):
     with pytest.raises(ExportCheckFailed, match=r"differ from PyTorch's by 0\.\d+ .*no bundle was written"):
         export_model(tiny_model(), out, tokenizer_file, LABELS, max_length=50)
     assert list(out.parent.iterdir()) == []  # neither the bundle nor its scratch folder
+
+
+def test_an_onnx_model_that_gives_nan_fails_the_check(tmp_path, tokenizer_file, monkeypatch):
+    exporting_a_different_model(monkeypatch, shift=math.nan)
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportCheckFailed, match=r"differ from PyTorch's by inf .*no bundle was written"):
+        export_model(tiny_model(), out, tokenizer_file, LABELS, max_length=50)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_model_whose_own_logits_are_nan_is_not_exported(tmp_path, tokenizer_file):
+    model = tiny_model()
+    with torch.no_grad():
+        model.head[-1].weight[0, 0] = math.nan
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportCheckFailed, match=r"own logits are NaN or infinite .*no bundle was written"):
+        export_model(model, out, tokenizer_file, LABELS, max_length=50)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_mismatched_tokenizer_or_labels(tmp_path, tokenizer_file):
