@@ -76,6 +76,7 @@ def word_grams(input_ids: torch.Tensor, lengths: torch.Tensor, vocab_size: int, 
     Rows 0..vocab_size-1 are the tokens themselves; row vocab_size + (a * multiplier + b) % buckets is the pair
     (a, b) of adjacent tokens. A pair is real when its second token is.
     """
+    input_ids = input_ids.long()  # int32 ids times the multiplier would wrap around in 32 bits
     positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # (1, T)
     real = positions < lengths.unsqueeze(1)  # (B, T)
     pairs = (input_ids[:, :-1] * multiplier + input_ids[:, 1:]) % buckets + vocab_size

@@ -74,6 +74,15 @@ def test_pairs_are_ordered():
         assert not torch.allclose(bag(torch.tensor([[3, 4]]), lengths), bag(torch.tensor([[4, 3]]), lengths))
 
 
+def test_int32_ids_hash_their_pairs_as_int64_ids_do():
+    """Tokenizers and Arrow columns hand out int32 ids: their pair hash must not wrap around in 32 bits."""
+    torch.manual_seed(0)
+    bag = NgramBag(1000, DIM, 200_003).eval()
+    ids, lengths = torch.tensor([[999, 998, 997]]), torch.tensor([3])
+    with torch.no_grad():
+        assert torch.equal(bag(ids.int(), lengths), bag(ids, lengths))
+
+
 @pytest.mark.parametrize("buckets", [100_003, 200_003, 1_000_003])
 def test_word_pairs_fill_the_rows_as_a_random_hash_would(buckets):
     """Frequent words have the smallest ids, so the pairs that matter are pairs of small ids: every pair of
