@@ -133,11 +133,17 @@ def encoder_summary(model: TextClassifier) -> dict:
     for key in ("cell", "hidden_size", "num_layers", "direction", "residual", "output_dim"):
         if hasattr(encoder, key):
             summary[key] = getattr(encoder, key)
+    hparams = model.hparams
     summary.update(
         pooling=model.pooling.kind,
         embedding_dim=model.embedding.embedding_dim,
-        vocab_size=model.hparams.vocab_size,
-        num_classes=model.hparams.num_classes,
+        vocab_size=hparams.vocab_size,
+        num_classes=hparams.num_classes,
+        # what the network reads of a text beside the recurrence, and how much of each prediction is linear
+        recurrent_length=hparams.recurrent_length,
+        recurrent_tail=hparams.recurrent_tail,
+        ngram_dim=model.ngrams.output_dim if model.ngrams is not None else 0,
+        linear_blend=hparams.linear_blend,
     )
     return summary
 

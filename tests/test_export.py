@@ -233,6 +233,10 @@ def test_fit_exports_the_best_checkpoint_when_asked(run_dir):
     assert manifest["test_metrics"] == json.loads((run_dir / "metrics.json").read_text())
     assert manifest["max_length"] == 40  # as trained, read from the run folder
     assert manifest["encoder"]["hidden_size"] == 8 and manifest["encoder"]["direction"] == "bidirectional"
+    hparams = load_checkpoint(run_dir / "best.ckpt").hparams
+    for key in ("recurrent_length", "recurrent_tail", "linear_blend"):  # what it reads, and the linear share
+        assert manifest["encoder"][key] == hparams[key]
+    assert manifest["encoder"]["ngram_dim"] == 0  # short texts: derived without a bag
     assert json.loads((bundle / "labels.json").read_text()) == ["negative", "positive"]
     # From raw text, the bundle computes what the checkpoint computes.
     model = load_checkpoint(run_dir / "best.ckpt").eval()
