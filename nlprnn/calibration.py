@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from nlprnn.atomic import replacing
 
 BINS = 15
-# a fit that reaches these is degenerate: on a split the model separates perfectly the NLL falls as T -> 0
+# a fit that reaches these is degenerate
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
@@ -29,14 +29,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     """The T > 0 that minimises the NLL of softmax(logits / T) on (N, C) logits and (N,) labels.
 
     Optimised over log T, so T stays positive without constraints. Returns 1.0 when there is nothing
-    to fit, the fit does not lower the NLL (as measured at T = 1), or it runs to MIN_TEMPERATURE or
-    MAX_TEMPERATURE: a split the model separates perfectly would otherwise make every later prediction,
-    right or wrong, near certain.
+    to fit, the model gets every example right (the NLL then falls as T -> 0, with no minimum: a fit would
+    make every later prediction, right or wrong, near certain), the fit does not lower the NLL (as measured
+    at T = 1), or it runs to MIN_TEMPERATURE or MAX_TEMPERATURE.
     """
     # clones: tensors made under inference_mode cannot take part in autograd
     logits = logits.detach().to("cpu", torch.float64).clone()
     labels = labels.detach().to("cpu", torch.long).clone()
-    if logits.numel() == 0 or not torch.isfinite(logits).all():
+    if logits.numel() == 0 or not torch.isfinite(logits).all() or bool((logits.argmax(-1) == labels).all()):
         return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")

@@ -36,10 +36,11 @@ def test_a_calibrated_model_keeps_a_temperature_near_one():
 
 def test_a_split_the_model_separates_perfectly_keeps_temperature_one():
     """Its NLL falls as T -> 0: a fit there would make every later prediction near certain, right or wrong."""
-    logits = torch.tensor([[0.3, 0.0], [0.0, 0.2], [0.5, 0.0], [0.0, 0.1]])
     labels = torch.tensor([0, 1, 0, 1])
-    assert nll(logits, labels, 0.05) < nll(logits, labels)
-    assert fit_temperature(logits, labels) == 1.0
+    for margin in (0.1, 1.0, 2.0, 5.0):  # L-BFGS stops on its tolerance inside the bounds from a margin of 1 on
+        logits = margin * torch.tensor([[3.0, 0.0], [0.0, 2.0], [5.0, 0.0], [0.0, 1.0]])
+        assert nll(logits, labels, 0.05) < nll(logits, labels)
+        assert fit_temperature(logits, labels) == 1.0
 
 
 def test_ece_by_hand():
