@@ -10,6 +10,7 @@ import torch
 from nlprnn.calibration import expected_calibration_error, fit_temperature, nll, temperature_of
 from nlprnn.export import checkpoint_data
 
+from conftest import make_examples, write_csv
 from test_fit import TINY_MODEL, fit
 
 
@@ -82,8 +83,12 @@ def test_calibrate_false_keeps_temperature_one(tmp_path, tiny_csv):
     assert metrics["test_nll"] == pytest.approx(metrics["test_nll_uncalibrated"])
 
 
-def test_a_run_resumed_from_a_calibrated_checkpoint_does_not_carry_its_temperature_on(tmp_path, tiny_csv):
-    args = ["--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.max_epochs", "3", "--model.lr", "0",
+def test_a_run_resumed_from_a_calibrated_checkpoint_does_not_carry_its_temperature_on(tmp_path):
+    rows = make_examples(200)
+    for row in rows[::10]:  # flipped labels: no model gets every validation text right, so T has a minimum
+        row["label"] = "negative" if row["label"] == "positive" else "positive"
+    noisy_csv = write_csv(tmp_path / "noisy.csv", rows)
+    args = ["--data.train_file", str(noisy_csv), *TINY_MODEL, "--trainer.max_epochs", "3", "--model.lr", "0",
             "--trainer.logger", "false", "--baseline", "false", "--output_dir", str(tmp_path / "runs")]
     proc = fit(*args, "--run_name", "calibrated", cwd=tmp_path)  # lr 0: no epoch beats the first, which is kept
     assert proc.returncode == 0, proc.stderr[-3000:]
