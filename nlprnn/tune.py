@@ -218,8 +218,6 @@ def quiet_seed_message() -> Iterator[None]:
 def open_storage(url: str, prepare):
     """prepare(storage) on the study database, and its result; a URL that cannot be used, or a UserError from
     prepare, leaves nothing behind. With SQLite, processes started together prepare one at a time."""
-    import optuna
-    import sqlalchemy
     from filelock import FileLock
     from sqlalchemy.engine import make_url
 
@@ -228,56 +226,77 @@ def open_storage(url: str, prepare):
     except Exception:
         raise UserError(f"--storage {url!r} is not a database URL (e.g. sqlite:///path/study.db or "
                         "postgresql://user:password@host/db)") from None
-    created: list[Path] = []
+    database: Path | None = None
+    made: list[Path] = []  # folders and the lock file this process made, to take away if it leaves no study
     engine_kwargs = {}
     creating = nullcontext()
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise UserError(f"--storage {url} is a database in memory: a search there could neither resume nor be "
+                            "shared; name a file, e.g. sqlite:///study.db")
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several processes share the file: wait for its lock
-        if parsed.database not in (None, "", ":memory:"):
-            database = Path(parsed.database)
-            created = make_parents(database, url)
-            lock = database.with_name(database.name + ".lock")
-            created += [] if lock.exists() else [lock]
-            creating = FileLock(str(lock), timeout=120)  # processes started together would race to create the tables
+        database = Path(parsed.database)
+        made = make_parents(database, url)
+        lock = database.with_name(database.name + ".lock")
+        made += [] if lock.exists() else [lock]
+        creating = FileLock(str(lock), timeout=120)  # processes started together would race to create the tables
     elif parsed.get_backend_name().startswith("postgres"):
         engine_kwargs = {"connect_args": {"connect_timeout": 15}}
     try:
         with creating:  # held while preparing too: one process creates the study, the others then load it
+            # decided under the lock: a database that exists now was made by another process, and stays
+            new_database = database is not None and not database.exists()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-                    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                         heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-            except (ImportError, sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as err:
-                if isinstance(err, ImportError):
-                    reason = f"its database driver is not installed ({one_line(err.__cause__ or err)})"
-                else:
-                    reason = one_line(err).split(" (Background on this error")[0]
-                raise UserError(f"cannot open the study storage {url}: {reason}") from None
-            return prepare(storage)
+                return prepare(open_rdb(url, engine_kwargs))
+            except UserError:
+                if new_database:
+                    database.unlink(missing_ok=True)
+                raise
     except (UserError, TimeoutError) as err:
-        for path in reversed(created):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        if database is None or not database.exists():  # no study lives there: nothing another process uses
+            for path in reversed(made):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         if isinstance(err, UserError):
             raise
         raise UserError(f"cannot open the study storage {url}: {one_line(err)}") from None
 
 
-def make_parents(database: Path, url: str) -> list[Path]:
-    """Create the SQLite file's missing folders; return what was created (the file last), to undo on failure."""
-    missing = [p for p in [database.parent, *database.parent.parents] if not p.exists()][::-1]
+def open_rdb(url: str, engine_kwargs: dict):
+    """Optuna's storage on a database URL; one line where the URL cannot be used."""
+    import optuna
+    import sqlalchemy
+
     try:
-        for path in missing:
-            path.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                              heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as err:
+        if isinstance(err, ImportError):
+            reason = f"its database driver is not installed ({one_line(err.__cause__ or err)})"
+        else:
+            reason = one_line(err).split(" (Background on this error")[0]
+        raise UserError(f"cannot open the study storage {url}: {reason}") from None
+
+
+def make_parents(database: Path, url: str) -> list[Path]:
+    """Create the SQLite file's missing folders; return those this process made, to undo on failure."""
+    made = []
+    try:
+        for path in [p for p in [database.parent, *database.parent.parents] if not p.exists()][::-1]:
+            try:
+                path.mkdir()
+            except FileExistsError:  # another process made it just now: it is not ours to take away
+                continue
+            made.append(path)
     except OSError as err:
-        for path in reversed(missing):
-            if path.exists():
-                path.rmdir()
+        for path in reversed(made):
+            shutil.rmtree(path, ignore_errors=True)
         raise UserError(f"cannot open the study storage {url}: {err.strerror}: {err.filename}") from None
-    return [*missing, *([] if database.exists() else [database])]
+    return made
 
 
 # --- trials ---------------------------------------------------------------------------------------

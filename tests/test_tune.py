@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from filelock import FileLock
 
 from nlprnn import tune
 
@@ -363,3 +364,40 @@ def test_a_study_another_search_has_just_created_is_refused_if_its_configuration
                       "(--config and fit flags); give this search another --study_name, or run it with the "
                       "study's own configuration"]
     assert study.trials == [] and not (out / "trials").exists()
+
+
+def test_a_refused_search_leaves_the_study_another_search_made_while_it_waited(tmp_path, tiny_csv, stand_in_fit,
+                                                                               capfd):
+    """The database is not this search's to delete when another process made it while this one waited."""
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    lock = FileLock(str(out / "study.db.lock"), thread_local=False)  # released by the thread below
+    lock.acquire()
+
+    def the_other_search_creates_its_study():
+        time.sleep(1)  # while the search below waits for the lock
+        study = optuna.create_study(study_name="tiny-space", storage=storage, direction="maximize")
+        study.set_user_attr(tune.SEARCHED_ATTR, ["model.lr", "model.dropout"])
+        study.set_user_attr(tune.BASE_CONFIG_ATTR, "the digest of another base configuration")
+        lock.release()
+
+    other = threading.Thread(target=the_other_search_creates_its_study)
+    other.start()
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv)
+    other.join()
+    assert stop.value.code == 2
+    assert "was run with another base configuration" in capfd.readouterr().err
+    loaded = optuna.load_study(study_name="tiny-space", storage=storage)
+    assert loaded.user_attrs[tune.BASE_CONFIG_ATTR] == "the digest of another base configuration"
+    assert sorted(p.name for p in out.iterdir()) == ["study.db", "study.db.lock"]
+
+
+def test_an_in_memory_storage_is_refused(tmp_path, tiny_csv, capfd):
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv, "--storage", "sqlite://")
+    assert stop.value.code == 2
+    assert "nlprnn.tune: error: --storage sqlite:// is a database in memory" in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
