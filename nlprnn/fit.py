@@ -397,7 +397,7 @@ def calibrate(cli: FitCLI, checkpoint: str | None) -> None:
     trainer.strategy.barrier()  # the test reloads the checkpoint on every process
 
 
-def report_stop(cli: FitCLI) -> None:
+def report_stop(cli: FitCLI, resume_hint: bool) -> None:
     """After SIGTERM (or SLURM's time-limit signal) saved last.ckpt: say how the run goes on."""
     step = cli.trainer.global_step
     if cli.slurm_requeue is not None and cli.slurm_requeue.requested:
@@ -410,7 +410,8 @@ def report_stop(cli: FitCLI) -> None:
             raise UserError(f"last.ckpt is saved, but `scontrol requeue {slurm.job_id()}` failed ({problem}); "
                             f"continue with {resume_command(cli)}")
     else:
-        print(f"nlprnn.fit: stopped by SIGTERM at step {step}; resume with {resume_command(cli)}", file=sys.stderr)
+        hint = f"; resume with {resume_command(cli)}" if resume_hint else ""
+        print(f"nlprnn.fit: stopped by SIGTERM at step {step}{hint}", file=sys.stderr)
 
 
 def resume_command(cli: FitCLI) -> str:
@@ -453,13 +454,17 @@ def main(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test
         return run(args, callbacks, test)
 
 
-def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True) -> dict[str, float]:
-    """main() without the one-line report: a ReportedError reaches the caller (nlprnn.tune runs trials with it)."""
+def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True,
+        resume_hint: bool = True) -> dict[str, float]:
+    """main() without the one-line report: a ReportedError reaches the caller (nlprnn.tune runs trials with it).
+
+    resume_hint: after SIGTERM, print the command that resumes this run.
+    """
     with run_name_handover():
-        return _run(args, callbacks, test)
+        return _run(args, callbacks, test, resume_hint)
 
 
-def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool) -> dict[str, float]:
+def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool, resume_hint: bool) -> dict[str, float]:
     args = with_default_config(sys.argv[1:] if args is None else list(args))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass sys.argv on, amended
     # torch deprecates a class that Lightning's own code uses: nothing a user of nlprnn can change
@@ -487,7 +492,7 @@ def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool) -> d
         metrics = fit_and_test(cli, test)
     except SIGTERMException:
         if cli.trainer.is_global_zero:
-            report_stop(cli)
+            report_stop(cli, resume_hint)
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
     if cli.config.export and cli.trainer.is_global_zero:
         from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from nlprnn.errors import UserError, exit_on_reported_error
+from nlprnn.errors import ReportedError, UserError, exit_on_reported_error
 from nlprnn.atomic import write_bytes, write_text
 from nlprnn.run_dir import RUN_NAME_ENV, dataset_stem
 from nlprnn.tune_space import Dimension, fit_args, load_space, one_line
@@ -40,9 +40,11 @@ PROG = "nlprnn.tune"
 DEFAULT_N_TRIALS = 20
 HEARTBEAT_S = 60  # a trial whose process died (kill -9, power loss) is marked failed after GRACE_S without a beat
 GRACE_S = 180
+INTERRUPTED_ATTR = "interrupted"  # a trial's user attribute: stopped from outside, so no result
 MAX_FAILED_IN_A_ROW = 3  # trials of one process failing one after another, with none completed, stop the search
 # nlprnn.tune names every trial's run folder (--output_dir is tune's own flag); a fit setting of these is refused.
 TRIAL_OWNED = ("run_name", "ckpt_path")
+SET_PER_TRIAL = (*TRIAL_OWNED, "output_dir", "trainer.devices")  # by Search.trial_args
 # Study user attributes: a digest of the base configuration, and the parameters left out of it (the searched ones).
 BASE_CONFIG_ATTR, SEARCHED_ATTR = "base_config_sha256", "searched"
 # Left out of that digest too: set per trial by nlprnn.tune, or loading parallelism, which may differ per machine.
@@ -89,8 +91,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     options, rest = parser.parse_known_args(argv)
     for name in ("n_trials", "timeout_min"):
         value = getattr(options, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, not {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a positive number, not {value}")
     for name in ("pruner_startup_trials", "pruner_warmup_epochs"):
         value = getattr(options, name)
         if value < 0:
@@ -137,8 +139,17 @@ class FitConfigs:
         return self.parser.parse_args([*self.args, *extra])
 
     def check_space(self, space: list[Dimension], source: str) -> None:
-        """Every path must be a fit parameter, and every choice and range end a value fit accepts there."""
+        """Every path must be a fit parameter, once, and every choice and range end a value fit accepts there."""
+        seen: dict[str, str] = {}
         for dim in space:
+            key = dim.path.replace(".init_args.", ".")  # init_args may be left out
+            if key in seen:
+                raise UserError(f"search space {source}: {dim.path} is listed twice"
+                                + (f" (also as {seen[key]})" if seen[key] != dim.path else "") + "; list it once")
+            seen[key] = dim.path
+            if dim.path in SET_PER_TRIAL:
+                raise UserError(f"search space {source}: {dim.path} cannot be searched: nlprnn.tune sets it for "
+                                "each trial")
             if dim.path in ("model.linear_blend", "model.linear_c"):
                 raise UserError(f"search space {source}: {dim.path} cannot be searched: trials are compared on the "
                                 "network's own validation accuracy, which the linear model does not change; set it in "
@@ -282,6 +293,16 @@ def open_rdb(url: str, engine_kwargs: dict):
         raise UserError(f"cannot open the study storage {url}: {reason}") from None
 
 
+def check_output_dir(path: Path) -> None:
+    """--output_dir must be a folder, or one this process can make: checked before the study storage is touched."""
+    for existing in (p for p in [path, *path.parents] if p.exists()):
+        if not existing.is_dir():
+            raise UserError(f"--output_dir {path} cannot be a folder: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"--output_dir {path} cannot be written: {existing} is not writable")
+        return
+
+
 def make_parents(database: Path, url: str) -> list[Path]:
     """Create the SQLite file's missing folders; return those this process made, to undo on failure."""
     made = []
@@ -360,6 +381,10 @@ class Search:
         dataset = dataset_stem(config.data.train_file or config.data.dataset)
         self.study_name = options.study_name or f"{dataset}-{Path(options.space).stem}"
         self.output_dir = Path(options.output_dir or Path("checkpoints") / "tune" / self.study_name)
+        check_output_dir(self.output_dir)
+        if options.storage is None and set("?#%") & set(str(self.output_dir)):
+            raise UserError(f"--output_dir {self.output_dir} holds ?, # or %, which would change the meaning of its "
+                            "study database's URL; choose another folder, or give --storage")
         self.storage_url = options.storage or f"sqlite:///{self.output_dir / 'study.db'}"
         # per study: a new study (another name, or the same after its database was deleted) starts no old trial folder
         self.trials_dir = self.output_dir / "trials" / self.study_name
@@ -382,7 +407,8 @@ class Search:
         report = pruning_callback(trial)
         try:
             with trial_environment(self.study_name):
-                result = fit.run(self.trial_args(trial.number, params), callbacks=[report], test=False)
+                result = fit.run(self.trial_args(trial.number, params), callbacks=[report], test=False,
+                                 resume_hint=False)  # a stopped trial resumes with the search, not on its own
         except NonFiniteLoss as err:
             trial.set_user_attr("error", str(err).split(";")[0])
             raise
@@ -391,8 +417,10 @@ class Search:
             raise
         except SystemExit as stop:  # Lightning ends the process on Ctrl-C; fit on SIGTERM
             status = stop.code if isinstance(stop.code, int) else 1
+            self.retry_later(trial, params)
             raise TrialInterrupted(130 if isinstance(stop.__context__, KeyboardInterrupt) else status) from None
         except KeyboardInterrupt:
+            self.retry_later(trial, params)
             raise TrialInterrupted(130) from None
         if report.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at epoch {report.pruned_at}")
@@ -401,10 +429,23 @@ class Search:
             trial.set_user_attr("error", "no validation accuracy (did validation run?)")
         return value
 
+    @staticmethod
+    def retry_later(trial, params: dict) -> None:
+        """An interrupted trial is no result: it counts toward no budget, and the resumed search runs it again."""
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        trial.set_user_attr("error", "interrupted; run again when the search resumes")
+        trial.study.enqueue_trial(params)
+
+    @staticmethod
+    def finished_trials(study) -> int:
+        """Trials that count toward --n_trials, across processes: ended by themselves, not interrupted."""
+        from optuna.trial import TrialState
+
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        return sum(not t.user_attrs.get(INTERRUPTED_ATTR) for t in finished)
+
     def run(self) -> None:
         import optuna
-        from optuna.study import MaxTrialsCallback
-        from optuna.trial import TrialState
 
         from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
@@ -412,22 +453,18 @@ class Search:
         study = open_storage(self.storage_url, self.open_study)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         study.sampler = optuna.samplers.TPESampler(seed=self.options.seed + len(study.trials), constant_liar=True)
-        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        self.started, self.finished_states, self.failed_in_a_row = time.monotonic(), finished, 0
+        self.started, self.failed_in_a_row = time.monotonic(), 0
         n_trials, timeout_min = self.options.n_trials, self.options.timeout_min
-        done = len(study.get_trials(deepcopy=False, states=finished))
+        done = self.finished_trials(study)
         print(f"{PROG}: study {self.study_name} in {self.storage_url} ({done} finished trials); "
               f"trials in {self.trials_dir}", flush=True)
         if n_trials is not None and done >= n_trials:
             print(f"{PROG}: the study already holds {done} finished trials (--n_trials {n_trials}); nothing to run",
                   flush=True)
         else:
-            callbacks = [self.progress]
-            if n_trials is not None:
-                callbacks.insert(0, MaxTrialsCallback(n_trials, states=finished))
             try:
                 study.optimize(self.objective, timeout=timeout_min * 60 if timeout_min else None,
-                               callbacks=callbacks, catch=(NonFiniteLoss, UserError), gc_after_trial=True)
+                               callbacks=[self.progress], catch=(NonFiniteLoss, UserError), gc_after_trial=True)
             except TrialInterrupted as stop:
                 self.write_outputs(study)
                 print(f"{PROG}: stopped; run the same command again to resume study {self.study_name}",
@@ -524,8 +561,8 @@ class Search:
         if best is not None:
             line += f" | best {best.value:.4f} (trial {best.number})"
         left = []
+        done = self.finished_trials(study)
         if self.options.n_trials is not None:
-            done = len(study.get_trials(deepcopy=False, states=self.finished_states))
             left.append(f"{max(self.options.n_trials - done, 0)} of {self.options.n_trials} trials left")
         if self.options.timeout_min is not None:
             minutes = self.options.timeout_min - (time.monotonic() - self.started) / 60
@@ -538,6 +575,8 @@ class Search:
             print(f"{PROG}: {MAX_FAILED_IN_A_ROW} trials in a row failed and none has completed; the search stops",
                   file=sys.stderr, flush=True)
             study.stop()
+        if self.options.n_trials is not None and done >= self.options.n_trials:
+            study.stop()  # counted across processes, as each of them ends a trial
 
     def write_outputs(self, study) -> None:
         """best.yaml, trials.csv and the plots, each replaced atomically."""
@@ -554,8 +593,7 @@ class Search:
         for note in self.plot_notes:
             print(f"{PROG}: {note}", flush=True)
         if best is None:
-            print(f"{PROG}: no trial completed; trials.csv in {self.output_dir} lists what happened", flush=True)
-            return
+            raise ReportedError(f"no trial completed; trials.csv in {self.output_dir} lists what happened")
         params = ", ".join(f"{path}={value!r}" for path, value in best.params.items())
         print(f"{PROG}: best validation accuracy {best.value:.4f} (trial {best.number} of {len(study.trials)}): {params}\n"
               f"{PROG}: results in {self.output_dir} (best.yaml, trials.csv, plots); train and test the best with:\n"

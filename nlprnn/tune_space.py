@@ -105,7 +105,7 @@ def load_space(path: str | Path) -> list[Dimension]:
         raw = yaml.load(path.read_text(), Loader=SpaceLoader)
     except FileNotFoundError:
         raise UserError(f"search space file not found: {path}") from None
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"cannot read the search space {path}: {one_line(err)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"search space {path}: expected a mapping of fit parameters (e.g. model.lr) to "

@@ -143,6 +143,14 @@ def test_two_processes_share_one_study(tmp_path, tiny_csv, space):
         (SPACE, ["--storage", "no url"], "--storage 'no url' is not a database URL"),
         (SPACE, ["--pruner_startup_trials", "-1"], "--pruner_startup_trials must be 0 or more, not -1"),
         (SPACE, ["--pruner_warmup_epochs", "-2"], "--pruner_warmup_epochs must be 0 or more, not -2"),
+        (SPACE, ["--timeout_min", "nan"], "--timeout_min must be a positive number, not nan"),
+        ("model.encoder.hidden_size: {type: int, low: 4, high: 8}\n"
+         "model.encoder.init_args.hidden_size: {type: int, low: 4, high: 8}", [],
+         "model.encoder.init_args.hidden_size is listed twice (also as model.encoder.hidden_size); list it once"),
+        ("model.lr: {type: float, low: 0.001, high: 0.01}\n--model.lr: {type: categorical, choices: [0.1]}", [],
+         "model.lr is listed twice; list it once"),
+        ("output_dir: {type: categorical, choices: [a, b]}", [], "output_dir cannot be searched: nlprnn.tune sets it"),
+        ("trainer.devices: {type: categorical, choices: [1, 2]}", [], "trainer.devices cannot be searched"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_csv, capfd, monkeypatch, space_text, extra, message):
@@ -178,7 +186,7 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
     from nlprnn import fit
     from nlprnn.callbacks.nonfinite import NonFiniteLoss
 
-    def run(args, callbacks=(), test=True):
+    def run(args, callbacks=(), test=True, resume_hint=True):
         assert test is False  # selection on validation only
         lr = float(args[args.index("--model.lr", len(TINY)) + 1])
         if lr == BAD_LR:
@@ -198,7 +206,7 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
     assert all(r["error"] == "the training loss became NaN or infinite at step 3" for r in failed)
     assert f"trial {failed[0]['number']}: failed (the training loss became NaN" in capsys.readouterr().out
 
-    def interrupted(args, callbacks=(), test=True):
+    def interrupted(args, callbacks=(), test=True, resume_hint=True):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fit, "run", interrupted)
@@ -206,7 +214,15 @@ def test_a_diverged_trial_fails_alone_and_an_interrupt_stops_the_search_resumabl
         tune.main([*args, "--n_trials", "6"])
     assert stop.value.code == 130
     assert "run the same command again to resume" in capsys.readouterr().err
-    assert [r["state"] for r in read_trials(out)][4:] == ["FAIL"]  # recorded, not left running
+    cut, retry = read_trials(out)[4:]  # recorded, not left running; and queued to run again
+    assert cut["state"] == "FAIL" and cut["error"] == "interrupted; run again when the search resumes"
+    assert retry["state"] == "WAITING"
+    # resumed, the search runs the interrupted trial's values again, and counts only trials that ended by themselves
+    monkeypatch.setattr(fit, "run", run)
+    tune.main([*args, "--n_trials", "6"])
+    rows = read_trials(out)
+    assert len(rows) == 7 and rows[4]["state"] == "FAIL" and rows[5]["state"] == "COMPLETE"  # 6 counted
+    assert rows[5]["model.lr"] == cut["model.lr"] and rows[5]["model.dropout"] == cut["model.dropout"]
 
 
 # --- one study, one base configuration; trial folders per study -------------------------------------------
@@ -222,7 +238,7 @@ def stand_in_fit(monkeypatch):
     from nlprnn.errors import UserError
     from nlprnn.run_dir import claim_run_dir
 
-    def run(args, callbacks=(), test=True):
+    def run(args, callbacks=(), test=True, resume_hint=True):
         lr = float(args[args.index("--model.lr", len(TINY)) + 1])
         if lr == BAD_LR:  # refused before fit claims its run folder
             raise UserError(f"model.lr {lr} is below what this model accepts; choose another")
@@ -311,8 +327,12 @@ def test_a_search_whose_every_trial_fails_stops_after_three(tmp_path, tiny_csv, 
     study = optuna.create_study(study_name="tiny-space", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
     for _ in range(3):
         study.enqueue_trial({"model.lr": BAD_LR})
-    search(tmp_path, tiny_csv, n_trials=6)  # the fourth trial, sampled, would have completed
-    assert "3 trials in a row failed and none has completed; the search stops" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv, n_trials=6)  # the fourth trial, sampled, would have completed
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "3 trials in a row failed and none has completed; the search stops" in err
+    assert f"nlprnn.tune: error: no trial completed; trials.csv in {out} lists what happened" in err
     assert [row["state"] for row in read_trials(out)] == ["FAIL"] * 3
 
 
@@ -401,3 +421,34 @@ def test_an_in_memory_storage_is_refused(tmp_path, tiny_csv, capfd):
     assert stop.value.code == 2
     assert "nlprnn.tune: error: --storage sqlite:// is a database in memory" in capfd.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("a-file", "cannot be a folder: {tmp}/a-file is a file"),
+    ("a-file/sub", "cannot be a folder: {tmp}/a-file is a file"),
+])
+def test_an_output_folder_that_cannot_be_is_refused_before_the_storage_is_touched(tmp_path, tiny_csv, capfd,
+                                                                                  where, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv, "--storage", storage, "--output_dir", str(tmp_path / where))
+    assert stop.value.code == 2
+    assert message.format(tmp=tmp_path) in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "space.yaml", "tiny.csv"]
+
+
+def test_an_output_folder_whose_name_would_change_the_database_url_is_refused(tmp_path, tiny_csv, capfd):
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv, "--output_dir", str(tmp_path / "a?b"))
+    assert stop.value.code == 2
+    assert "holds ?, # or %, which would change the meaning of its study database's URL" in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "tiny.csv"]
+
+
+def test_a_space_file_that_is_not_text_is_one_line(tmp_path, tiny_csv, capfd):
+    (tmp_path / "space.yaml").write_bytes(b"model.lr: \xff\xfe\n")
+    with pytest.raises(SystemExit) as stop:
+        tune.main(["--space", str(tmp_path / "space.yaml"), "--data.train_file", str(tiny_csv), *TINY])
+    assert stop.value.code == 2
+    assert f"nlprnn.tune: error: cannot read the search space {tmp_path / 'space.yaml'}" in capfd.readouterr().err
