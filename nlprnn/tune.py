@@ -668,6 +668,10 @@ def write_plots(study, output_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     with exit_on_reported_error(PROG):
+        try:
+            import optuna  # noqa: F401  (before anything is prepared)
+        except ImportError:
+            raise UserError('nlprnn.tune needs Optuna, which is not installed: pip install "nlprnn[tune]"') from None
         options, fit_flags = parse_args(argv)
         search = Search(options, fit_flags)  # checks everything; writes nothing
         search.run()

@@ -452,3 +452,12 @@ def test_a_space_file_that_is_not_text_is_one_line(tmp_path, tiny_csv, capfd):
         tune.main(["--space", str(tmp_path / "space.yaml"), "--data.train_file", str(tiny_csv), *TINY])
     assert stop.value.code == 2
     assert f"nlprnn.tune: error: cannot read the search space {tmp_path / 'space.yaml'}" in capfd.readouterr().err
+
+
+def test_without_optuna_the_command_says_what_to_install(tmp_path, tiny_csv, capfd, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SystemExit) as stop:
+        search(tmp_path, tiny_csv)
+    assert stop.value.code == 2
+    assert 'nlprnn.tune needs Optuna, which is not installed: pip install "nlprnn[tune]"' in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
