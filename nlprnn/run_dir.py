@@ -50,6 +50,9 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run_name")
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "last.ckpt").exists():  # it stopped before its first checkpoint: nothing to resume
+            raise UserError(f"{run_dir} already holds a run that saved no checkpoint; choose another --run_name, or "
+                            "delete that folder")
         config = run_dir / "config.yaml"
         how = f"python -m nlprnn.fit --config {config} --ckpt_path last" if config.exists() else "--ckpt_path last"
         raise UserError(f"{run_dir} already holds a run; choose another --run_name, or resume it with {how}")

@@ -122,12 +122,19 @@ def test_fit_prepares_the_data_once_before_the_model_is_made(tmp_path, tiny_csv,
 
 def test_an_existing_run_folder_is_not_overwritten(tmp_path, tiny_csv):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    (tmp_path / "runs" / "taken" / "best.ckpt").write_text("precious")
+    (tmp_path / "runs" / "taken" / "config.yaml").write_text("run_name: taken\n")  # stopped before a checkpoint
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
+               "--run_name", "taken", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"{tmp_path / 'runs' / 'taken'} already holds a run that saved no "
+                                        "checkpoint; choose another --run_name, or delete that folder")
+    (tmp_path / "runs" / "taken" / "config.yaml").unlink()
+    (tmp_path / "runs" / "taken" / "last.ckpt").write_text("precious")
     proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
                "--run_name", "taken", cwd=tmp_path)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert proc.stderr.strip().endswith("or resume it with --ckpt_path last")
-    assert (tmp_path / "runs" / "taken" / "best.ckpt").read_text() == "precious"
+    assert (tmp_path / "runs" / "taken" / "last.ckpt").read_text() == "precious"
     (tmp_path / "runs" / "taken" / "config.yaml").write_text("run_name: taken\n")  # a run that had started
     proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--output_dir", str(tmp_path / "runs"),
                "--run_name", "taken", cwd=tmp_path)
@@ -160,3 +167,12 @@ def test_one_epoch_on_movie_snippets(tmp_path):
     meta = json.loads(prepared.read_text())
     assert meta["sizes"] == {"train": 8454, "validation": 1057, "test": 1057}  # 10,568 non-neutral snippets
     assert meta["labels"] == ["negative", "positive"]
+
+
+def test_no_step_logging_is_a_setting_not_a_crash(tmp_path, tiny_csv):
+    """log_every_n_steps 0 is Lightning's "no step logging": the NaN guard and the telemetry must not divide by it."""
+    proc = fit("--data.train_file", str(tiny_csv), *TINY_MODEL, "--trainer.max_epochs", "1", "--baseline", "false",
+               "--trainer.log_every_n_steps", "0", "--output_dir", str(tmp_path / "runs"), "--run_name", "quiet",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "quiet" / "metrics.json").exists()
