@@ -38,7 +38,8 @@ class NonFiniteLossGuard(Callback):
         # global_step already counts this batch's optimizer step: the loss belongs to step `global_step`
         bad = ~torch.isfinite(loss.detach())
         self._first_bad = torch.where(bad, self._first_bad.clamp(max=trainer.global_step), self._first_bad)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        every = trainer.log_every_n_steps  # 0: no step logging, so the flag is read at validation and checkpoints
+        if every and trainer.global_step % every == 0:
             self.check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -54,7 +54,8 @@ class TrainingMonitor(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self._real is None or step % trainer.log_every_n_steps or step == self._last_logged_step:
+        every = trainer.log_every_n_steps  # 0: no step logging
+        if self._real is None or not every or step % every or step == self._last_logged_step:
             return
         self._last_logged_step = step
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
