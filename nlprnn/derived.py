@@ -69,7 +69,7 @@ def ngram_dim_for(typical_length: int) -> Derived:
                       "the recurrence alone; a bag of n-grams overfits short texts")
 
 
-def epoch_budget(train_examples: int, batch_size: int) -> Derived:
+def epoch_budget(train_examples: int, batch_size: int, accumulate: int = 1) -> Derived:
     """max_epochs for about TARGET_STEPS optimizer steps, within MIN_EPOCHS..MAX_EPOCHS.
 
     Small data gets more passes and large data fewer, so 1.7k long documents get enough updates and
@@ -77,13 +77,13 @@ def epoch_budget(train_examples: int, batch_size: int) -> Derived:
     accuracy (`patience_for`) ends a run that has stopped improving sooner. Counted on one device:
     under DDP an epoch has fewer, larger steps, and the same epochs see the same examples.
     """
-    steps_per_epoch = _steps_per_epoch(train_examples, batch_size)
+    steps_per_epoch = _steps_per_epoch(train_examples, batch_size, accumulate)
     value = int(np.clip(math.ceil(TARGET_STEPS / steps_per_epoch), MIN_EPOCHS, MAX_EPOCHS))
     return Derived(value, f"about {TARGET_STEPS} optimizer steps at {steps_per_epoch} per epoch "
                           f"(bounds {MIN_EPOCHS}..{MAX_EPOCHS} epochs)")
 
 
-def patience_for(train_examples: int, batch_size: int) -> Derived:
+def patience_for(train_examples: int, batch_size: int, accumulate: int = 1) -> Derived:
     """Epochs without a better validation epoch (nlprnn.callbacks.selection) after which a derived budget stops.
 
     About PATIENCE_STEPS optimizer steps, a sixth of the budget, within MIN..MAX_PATIENCE_EPOCHS. A fixed 4
@@ -91,12 +91,13 @@ def patience_for(train_examples: int, batch_size: int) -> Derived:
     a validation accuracy that 10 epochs of patience took from 97.6% to 98.6% (seeds 1-3: 97.8% -> 98.1%).
     Data with 63 steps per epoch or more keeps 4.
     """
-    steps_per_epoch = _steps_per_epoch(train_examples, batch_size)
+    steps_per_epoch = _steps_per_epoch(train_examples, batch_size, accumulate)
     value = int(np.clip(math.ceil(PATIENCE_STEPS / steps_per_epoch), MIN_PATIENCE_EPOCHS, MAX_PATIENCE_EPOCHS))
     return Derived(value, f"training stops after {value} epochs of {steps_per_epoch} steps without a better "
                           f"validation epoch (higher accuracy, or equal with lower loss): about {PATIENCE_STEPS} steps "
                           f"(bounds {MIN_PATIENCE_EPOCHS}..{MAX_PATIENCE_EPOCHS} epochs)")
 
 
-def _steps_per_epoch(train_examples: int, batch_size: int) -> int:
-    return max(math.ceil(train_examples / batch_size), 1)
+def _steps_per_epoch(train_examples: int, batch_size: int, accumulate: int) -> int:
+    """Optimizer steps: with gradient accumulation, one per `accumulate` batches (and one for the epoch's rest)."""
+    return max(math.ceil(math.ceil(train_examples / batch_size) / accumulate), 1)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable, chec
 from nlprnn.callbacks.selection import BestCheckpoint
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
-from nlprnn.derived import epoch_budget, patience_for
+from nlprnn.derived import Derived, epoch_budget, patience_for
 from nlprnn.errors import UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
 from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name, run_name_handover
@@ -72,6 +73,26 @@ class FitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.config.trainer.get("logger") in (None, True) and tracking.online() and rank_zero_only.rank == 0:
             tracking.check_online_login()  # before the data is prepared: a missing key or network fails in seconds
+        self.derived_here = self.vector_words_follow_the_model()
+
+    def vector_words_follow_the_model(self) -> dict[str, Derived]:
+        """data.tokenizer.vector_words auto adds the words of the vectors the model starts from: none when the
+        model starts from none (model.pretrained_vectors null, or no vectors of its embedding_dim installed)."""
+        from nlprnn.models.embedding import installed_vectors
+
+        tokenizer, model = self.config.data.tokenizer, self.config.model
+        if tokenizer.vector_words != "auto":
+            return {}
+        vectors = model.pretrained_vectors
+        if vectors == "auto":
+            vectors = installed_vectors(model.embedding_dim)
+        if vectors is not None:
+            return {}  # the data module resolves auto to the same installed vectors
+        tokenizer.vector_words = None
+        why = ("model.pretrained_vectors is null" if model.pretrained_vectors is None
+               else f"no {model.embedding_dim}-d word vectors are installed")
+        return {"data.tokenizer.vector_words": Derived(
+            "none", f"the model starts from no word vectors ({why}): words unseen in training stay unknown")}
 
     def instantiate_classes(self) -> None:
         # jsonargparse makes the data, applies the links that read its sizes, then makes the model: the data
@@ -92,12 +113,19 @@ class FitCLI(LightningCLI):
     def _make_trainer(self, **kwargs) -> Trainer:
         trainer_config = self.config_init.trainer
         callbacks = list(trainer_config.get("callbacks") or [])
-        derived = {**self.datamodule.derived, **self.model.derived}
+        derived = {**self.derived_here, **self.datamodule.derived, **self.model.derived}
+        check_trainer_counts(trainer_config)
         patience = None
         if self.budget_left_open(trainer_config):
             examples, batch_size = self.datamodule.train_size, self.datamodule.batch_size
-            derived["trainer.max_epochs"] = epoch_budget(examples, batch_size)
-            derived["early stopping patience"] = patience_for(examples, batch_size)
+            accumulate = trainer_config.get("accumulate_grad_batches") or 1
+            budget = epoch_budget(examples, batch_size, accumulate)
+            floor = trainer_config.get("min_epochs") or 0
+            if floor > budget.value:  # an explicit setting wins over a derived one
+                budget = Derived(floor, f"trainer.min_epochs is {floor}, above the {budget.value} epochs of "
+                                        f"{budget.reason}")
+            derived["trainer.max_epochs"] = budget
+            derived["early stopping patience"] = patience_for(examples, batch_size, accumulate)
             kwargs["max_epochs"] = derived["trainer.max_epochs"].value
             patience = derived["early stopping patience"].value
         callbacks.append(BestCheckpoint(self.run_dir, patience))
@@ -189,6 +217,23 @@ class FitCLI(LightningCLI):
                 break
 
 
+def refused_setting(err: Exception) -> UserError | None:
+    """One line for a setting Lightning refuses as training starts (a val_check_interval longer than an epoch...)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    in_lightning = bool(frames) and f"{os.sep}lightning{os.sep}" in frames[-1].filename
+    if isinstance(err, MisconfigurationException) or (isinstance(err, ValueError) and in_lightning):
+        return UserError(f"the trainer settings cannot be used: {first_line(err)}")
+    return None
+
+
+def check_trainer_counts(trainer_config) -> None:
+    """Counts Lightning takes unchecked, and fails on mid-run with a ZeroDivisionError."""
+    for key, least in (("accumulate_grad_batches", 1), ("check_val_every_n_epoch", 1), ("log_every_n_steps", 0)):
+        value = trainer_config.get(key)
+        if isinstance(value, int) and value < least:
+            raise UserError(f"trainer.{key} must be at least {least}: got {value}")
+
+
 def prepared_data(class_type: type[TextDataModule], *args: Any, **kwargs: Any) -> TextDataModule:
     """Make the datamodule and prepare its data: download, tokenizer, tokenization, then load.
 
@@ -235,8 +280,15 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     except BaseException:
         cli.discard_run_dir()  # training has not started: nothing in a folder this run made is worth keeping
         raise
-    # From here on the run folder is kept whatever happens: it holds training.
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except Exception as err:
+        if trainer.global_step == 0 and not any(cli.run_dir.glob("*.ckpt")):
+            cli.discard_run_dir()  # it failed before its first step: a new folder holds nothing worth keeping
+            refused = refused_setting(err)
+            if refused is not None:
+                raise refused from None
+        raise
     if not test:  # nlprnn.tune selects on validation only: no test split, no baseline
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return {"best_val_acc": float("nan") if score is None else float(score)}

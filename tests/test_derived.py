@@ -93,6 +93,30 @@ def test_explicit_settings_win_over_derived_ones(tmp_path):
     assert state["epoch"] == 2  # the third epoch, counted from 0: the three asked for, no more and no fewer
 
 
+def test_a_higher_min_epochs_raises_the_derived_budget_and_accumulation_counts_optimizer_steps(tmp_path):
+    data = write_csv(tmp_path / "short.csv", make_texts(200, 6))
+    budget = epoch_budget(160, 16, accumulate=4)
+    assert budget.value > epoch_budget(160, 16).value or budget.value == MAX_EPOCHS
+    assert "at 3 per epoch" in budget.reason  # 10 batches, 4 to a step: 3 optimizer steps
+    log, state, _ = run(tmp_path, data, "--model.lr", "0", "--trainer.accumulate_grad_batches", "4",
+                        "--trainer.min_epochs", str(MAX_EPOCHS + 2), "--trainer.limit_val_batches", "1")
+    assert f"trainer.max_epochs = {MAX_EPOCHS + 2} (derived: trainer.min_epochs is {MAX_EPOCHS + 2}, above the" in log
+    assert state["epoch"] == MAX_EPOCHS + 1  # early stopping waits for min_epochs; max_epochs ends it
+
+
+def test_without_the_models_word_vectors_the_vocabulary_takes_none_of_theirs(tmp_path):
+    data = write_csv(tmp_path / "short.csv", make_texts(200, 6))
+    proc = fit("--data.train_file", str(data), *TINY_MODEL, "--trainer.logger", "false", "--baseline", "false",
+               "--trainer.max_epochs", "1", "--model.embedding_dim", "50", "--model.pretrained_vectors", "null",
+               "--output_dir", str(tmp_path / "runs"), "--run_name", "plain", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert ("data.tokenizer.vector_words = none (derived: the model starts from no word vectors "
+            "(model.pretrained_vectors is null)") in log
+    vocabulary = json.loads((tmp_path / "runs" / "plain" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocabulary) < 100  # the tiny texts' own words, not GloVe's 50,000
+
+
 def test_a_time_limit_caps_the_derived_budget_without_replacing_it(tmp_path):
     data = write_csv(tmp_path / "short.csv", make_texts(200, 6))
     log, state, _ = run(tmp_path, data, "--trainer.max_time", "00:00:00:05")

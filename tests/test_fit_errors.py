@@ -28,6 +28,12 @@ OPTIONS = [
     (["--model.encoder.hidden_size", "0"], "model.encoder.hidden_size is a state width, at least 1: got 0"),
     pytest.param(["--trainer.accelerator", "gpu"], "the trainer settings cannot be used: No supported gpu backend found",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1: got 0"),
+    (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be at least 1: got 0"),
+    (["--trainer.log_every_n_steps", "-1"], "trainer.log_every_n_steps must be at least 0: got -1"),
+    # refused by Lightning as training starts, after the run folder was made: it is taken away again
+    (["--trainer.val_check_interval", "1000"],
+     "the trainer settings cannot be used: `val_check_interval` (1000) must be less than or equal to the number"),
     (["--output_dir", "{file}"], "is not a folder (a file is in its way); name a folder"),
     (["--output_dir", "{file}/runs"], "is not a folder (a file is in its way); name a folder"),
 ]
