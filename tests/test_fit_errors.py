@@ -23,6 +23,8 @@ def tiny(csv: Path, out: Path, run: str, *extra: str) -> list[str]:
 OPTIONS = [
     (["--data.batch_size", "0"], "data.batch_size is the number of examples in a batch, at least 1: got 0"),
     (["--data.batch_size", "-1"], "data.batch_size is the number of examples in a batch, at least 1: got -1"),
+    (["--data.max_length", "0"], "data.max_length is a number of tokens, at least 1 (or null to derive it): got 0"),
+    (["--data.max_length", "-3"], "data.max_length is a number of tokens, at least 1 (or null to derive it): got -3"),
     (["--model.dropout", "1.5"], "model.dropout is a probability in [0, 1): got 1.5"),
     (["--model.encoder.num_layers", "0"], "model.encoder.num_layers is a number of stacked layers, at least 1: got 0"),
     (["--model.encoder.hidden_size", "0"], "model.encoder.hidden_size is a state width, at least 1: got 0"),

@@ -67,6 +67,8 @@ class TextDataModule(L.LightningDataModule):
             split_seed: seed of the stratified 80/10/10 split when validation/test are not given.
         """
         super().__init__()
+        if max_length is not None and max_length < 1:  # 0 would read as "derive it", -3 fail deep in tokenizing
+            raise UserError(f"data.max_length is a number of tokens, at least 1 (or null to derive it): got {max_length}")
         self.source = SourceSpec(dataset, train_file, validation_file, test_file, text_column, label_column, split_seed)
         self.tokenizer_config = tokenizer  # as given; resolve_auto(...) is what the tokenizer is built from
         self.max_length = max_length
