@@ -280,10 +280,11 @@ class TextClassifier(L.LightningModule):
         return self._step(batch, "test")[1].detach()  # the logits, for test-time reports (nlprnn.callbacks.report)
 
     def on_test_epoch_end(self) -> None:
-        """test_f1_<label> for every class, named by the data's labels where it has them."""
+        """test_f1_<label> for every class, named by the data's labels where it has them (a class named macro:
+        test_f1_macro_class, as test_f1_macro is the mean over classes)."""
         names = getattr(self.trainer.datamodule, "labels", None) or [str(i) for i in range(self.hparams.num_classes)]
         for name, f1 in zip(names, self.test_f1_per_class.compute()):
-            self.log(f"test_f1_{name}", f1)
+            self.log(f"test_f1_{name}_class" if name == "macro" else f"test_f1_{name}", f1)
         self.test_f1_per_class.reset()
 
     # --- what the model takes from the data when training starts ---

