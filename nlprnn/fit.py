@@ -145,7 +145,8 @@ class FitCLI(LightningCLI):
             plugins.append(slurm.cluster_environment())
         logger = trainer_config.get("logger")
         if logger is None or logger is True:
-            logger = tracking.wandb_logger(self.config.wandb_project, self.run_name, self.run_dir)
+            logger = False if tracking.disabled() else tracking.wandb_logger(self.config.wandb_project, self.run_name,
+                                                                             self.run_dir)
         if logger:
             callbacks += [LearningRateMonitor(logging_interval="step"), TrainingMonitor()]
         bar_wanted = trainer_config.get("enable_progress_bar") is not False

@@ -38,6 +38,11 @@ def online() -> bool:
     return os.environ.get("WANDB_MODE", "offline") in ("online", "run")
 
 
+def disabled() -> bool:
+    """W&B's own switch, WANDB_MODE=disabled: no W&B run at all, as with --trainer.logger false."""
+    return os.environ.get("WANDB_MODE") == "disabled"
+
+
 def check_online_login() -> None:
     """Log in before any data is prepared: without a key or a network, wandb would fail minutes later, mid-setup."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -111,6 +111,20 @@ def online_fit(tmp_path: Path, api_key: str | None) -> subprocess.CompletedProce
     )
 
 
+def test_wandb_mode_disabled_makes_no_wandb_run(tmp_path, tiny_csv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlprnn.fit", "--data.train_file", str(tiny_csv), "--data.batch_size", "16",
+         "--model.embedding_dim", "16", "--model.encoder.hidden_size", "16", "--trainer.max_epochs", "1",
+         "--trainer.enable_progress_bar", "false", "--baseline", "false", "--output_dir", str(tmp_path / "runs"),
+         "--run_name", "quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "quiet" / "metrics.json").exists()
+    assert not (tmp_path / "runs" / "quiet" / "wandb").exists() and "W&B syncing" not in proc.stderr
+
+
 def test_online_mode_without_a_key_is_one_line_before_anything_else(tmp_path):
     proc = online_fit(tmp_path, api_key=None)
     assert proc.returncode == 2, proc.stderr[-3000:]
