@@ -46,6 +46,8 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
     if resuming:
         if not run_dir.is_dir():
             raise UserError(f"cannot resume: there is no run folder {run_dir}")
+        if not os.access(run_dir, os.W_OK | os.X_OK):  # before any of it is read, trained or half-written
+            raise UserError(f"cannot resume: the run folder {run_dir} is not writable")
         return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run_name")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from nlprnn.errors import UserError
 from nlprnn.fit import main
+from nlprnn.run_dir import claim_run_dir
 from test_fit import TINY_MODEL
 
 
@@ -71,3 +74,12 @@ def test_of_two_runs_started_at_once_with_one_run_name_one_is_refused(tmp_path, 
         with pytest.raises(UserError, match=f"another run has just claimed .*runs/{name}; choose another --run_name"):
             claim_run_dir(tmp_path / "runs", name, resuming=False)
     assert claim_run_dir(tmp_path / "runs", "fresh", resuming=False).is_dir()
+
+
+def test_resuming_into_a_run_folder_this_user_cannot_write_is_one_line(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "frozen"
+    run.mkdir(parents=True)
+    # as a user without write permission sees it (root may write anywhere, so the permission is not set here)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run)
+    with pytest.raises(UserError, match=f"cannot resume: the run folder {run} is not writable"):
+        claim_run_dir(tmp_path / "runs", "frozen", resuming=True)
