@@ -60,7 +60,7 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
                         help="onnxruntime threads per process (default: its share of the cores it may use)")
     parser.add_argument("--explain", action="store_true",
                         help="add each word's contribution to the predicted label's probability (deleting it, the "
-                        "label's probability drops by this much); one model call per text")
+                        "label's probability drops by this much); --batch_size rows of deletions per model call")
     parser.add_argument("--explain_format", choices=("json", "html"), default="json",
                         help="with --explain: JSON lines, or one HTML page with words shaded green (for the label) "
                         "and red (against it)")

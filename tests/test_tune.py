@@ -59,7 +59,7 @@ def test_search_prunes_a_bad_trial_and_writes_a_best_config_that_fit_runs(tmp_pa
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     # The first trials of a study are whatever was enqueued: good, bad, good, whatever the sampler would do.
     study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
-    for lr, dropout in ((GOOD_LR, 0.0), (BAD_LR, 0.0), (GOOD_LR, 0.2)):
+    for lr, dropout in ((GOOD_LR, 0.2), (BAD_LR, 0.0), (GOOD_LR, 0.0)):
         study.enqueue_trial({"model.lr": lr, "model.dropout": dropout})
 
     proc = tune_cli("--space", str(space), "--data.train_file", str(tiny_csv), *TINY, "--trainer.max_epochs", "5",
