@@ -495,7 +495,14 @@ def missing_package(err: BaseException) -> UserError | None:
 def with_default_config(args: list[str]) -> list[str]:
     """configs/default.yaml is the starting point unless the user names a config of their own."""
     named = any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
-    return args if named or not DEFAULT_CONFIG.exists() else ["--config", str(DEFAULT_CONFIG), *args]
+    if named:
+        return args
+    if not DEFAULT_CONFIG.exists():  # configs/ is not part of the wheel: it lives in the source tree
+        print(f"nlprnn.fit: warning: {DEFAULT_CONFIG} is not there (nlprnn is installed without its source tree), so "
+              "the classes' own defaults apply instead of the default recipe; pass --config RECIPE.yaml",
+              file=sys.stderr)
+        return args
+    return ["--config", str(DEFAULT_CONFIG), *args]
 
 
 def main(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test: bool = True) -> dict[str, float]:

@@ -176,3 +176,13 @@ def test_no_step_logging_is_a_setting_not_a_crash(tmp_path, tiny_csv):
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "quiet" / "metrics.json").exists()
+
+
+def test_without_the_default_recipe_beside_it_fit_warns_and_takes_the_class_defaults(tmp_path, monkeypatch, capsys):
+    import nlprnn.fit
+
+    monkeypatch.setattr(nlprnn.fit, "DEFAULT_CONFIG", tmp_path / "configs" / "default.yaml")  # as a wheel install
+    assert nlprnn.fit.with_default_config(["--model.lr", "0.1"]) == ["--model.lr", "0.1"]
+    assert "the classes' own defaults apply instead of the default recipe; pass --config" in capsys.readouterr().err
+    assert nlprnn.fit.with_default_config(["--config", "mine.yaml"]) == ["--config", "mine.yaml"]
+    assert capsys.readouterr().err == ""
