@@ -35,7 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASETS = ["movie-snippets", "trec6", "sms-spam", "bbc-news"]
 DEFAULT_SEEDS = [1, 2, 3]
-RUN_RECORD = "accuracy_run.json"  # beside a run's metrics.json: its wall time and command
+RUN_RECORD = "accuracy_run.json"  # beside a run's metrics.json: its wall time, command and code version
+# set by the script for each run: given again after `--` (or in --extra) they would make the seeds one, or send the
+# run's metrics elsewhere
+OWN_FLAGS = ("--seed_everything", "--run_name", "--output_dir", "--baseline")
 STDERR_TAIL_LINES = 40
 TEST_USE = (
     "Each run selects its checkpoint on the validation split (the epoch with the best validation accuracy; among "
@@ -94,10 +97,15 @@ def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str], prog: str = 
     metrics_file, record_file = run_dir / "metrics.json", run_dir / RUN_RECORD
     command = fit_command(row, seed, runs_dir, extra)
     if metrics_file.exists():
-        record = json.loads(record_file.read_text()) if record_file.exists() else {"wall_s": None}
-        if record.get("command", shlex.join(command)) != shlex.join(command):
-            print(f"  warning: {run_dir} was trained by another command: {record['command']}", flush=True)
-        return {**record, **finished(metrics_file), "reused": True}
+        record = json.loads(record_file.read_text()) if record_file.exists() else {}
+        if record.get("command") != shlex.join(command):  # its numbers would stand for another command's
+            trained_by = f"another command: {record['command']}" if "command" in record else "an unrecorded command"
+            raise SystemExit(f"{prog}: error: {run_dir} was trained by {trained_by}; delete it to train this one, "
+                             "or give another --runs_dir")
+        if record.get("code") != code_version():
+            print(f"  note: {run_dir} was trained with the code at {record.get('code', 'an unrecorded version')}, "
+                  f"not {code_version()}; delete it to train it again", flush=True)
+        return {**record, **finished(metrics_file, prog), "reused": True}
     if run_dir.exists():
         print(f"  {run_dir} has no metrics.json (a stopped run): starting it over", flush=True)
         shutil.rmtree(run_dir)
@@ -115,15 +123,28 @@ def run_once(row: Row, seed: int, runs_dir: Path, extra: list[str], prog: str = 
         print(f"{tail}\n{prog}: error: {shlex.join(command)} failed with status {proc.returncode} "
               f"(full output: {stdout_log}, {stderr_log})", file=sys.stderr)
         raise SystemExit(proc.returncode or 1)
-    record = {"wall_s": wall_s, "command": shlex.join(command)}
+    record = {"wall_s": wall_s, "command": shlex.join(command), "code": code_version()}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
-    return {**record, **finished(metrics_file), "reused": False}
+    return {**record, **finished(metrics_file, prog), "reused": False}
 
 
-def finished(metrics_file: Path) -> dict:
+def finished(metrics_file: Path, prog: str) -> dict:
     """A run's test metrics and the day they were written: a reused run keeps the day it was trained."""
+    metrics = json.loads(metrics_file.read_text())
+    if "baseline_test_acc" not in metrics:  # fit leaves the baseline out with a warning when it fails
+        raise SystemExit(f"{prog}: error: {metrics_file} holds no baseline figures (see the run's log for why); "
+                         "delete its run folder to train it again")
     written = datetime.fromtimestamp(metrics_file.stat().st_mtime, timezone.utc)
-    return {"metrics": json.loads(metrics_file.read_text()), "trained": f"{written:%Y-%m-%d}"}
+    return {"metrics": metrics, "trained": f"{written:%Y-%m-%d}"}
+
+
+def code_version() -> str:
+    """The commit the code is at, marked when the work tree differs from it: what a run was trained with."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -145,6 +166,7 @@ def summarize(label: str, runs: list[dict]) -> dict:
         "baseline_test_f1_macro_mean": mean([r["metrics"].get("baseline_test_f1_macro") for r in runs]),
         "minutes_per_run": None if wall_s is None else wall_s / 60,
         "trained": sorted({r["trained"] for r in runs}),
+        "code": sorted({r.get("code", "unrecorded") for r in runs}),
     }
 
 
@@ -154,8 +176,8 @@ def markdown_table(summaries: list[dict]) -> str:
 
     lines = [
         "| dataset / recipe | runs | test accuracy | macro-F1 | TF-IDF + LR accuracy | difference | minutes per run "
-        "| trained |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| trained | code |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for s in summaries:
         acc = pct(s["test_acc_mean"])
@@ -165,7 +187,7 @@ def markdown_table(summaries: list[dict]) -> str:
         diff = "–" if baseline is None else f"{100 * (s['test_acc_mean'] - baseline):+.1f} pt".replace("-", "−")
         minutes = "–" if s["minutes_per_run"] is None else f"{s['minutes_per_run']:.1f}"
         lines.append(f"| {s['row']} | {len(s['seeds'])} | {acc} | {s['test_f1_macro_mean']:.3f} | {pct(baseline)} | "
-                     f"{diff} | {minutes} | {span(s['trained'])} |")
+                     f"{diff} | {minutes} | {span(s['trained'])} | {', '.join(s['code'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,7 +223,8 @@ def report(command: str, seeds: list[int], summaries: list[dict], info: dict) ->
         "macro-F1 and the TF-IDF + logistic-regression baseline (`nlprnn/baseline.py`, on the same splits): means; "
         "difference: the model's mean test accuracy minus the baseline's, in percentage points; minutes: wall time of "
         "one `python -m nlprnn.fit` run, data preparation included, runs one at a time; trained: the day(s) its runs "
-        "wrote their test metrics (a row whose run folders exist is read back, not trained again).\n\n"
+        "wrote their test metrics (a row whose run folders exist is read back, not trained again); code: the commit "
+        "the runs were trained at (`+changes`: with uncommitted changes).\n\n"
         f"{TEST_USE}\n"
     )
 
@@ -229,6 +252,13 @@ def check_distinct_seeds(parser: argparse.ArgumentParser, seeds: list[int]) -> N
         parser.error("--seeds holds a seed twice")
 
 
+def check_not_given(parser: argparse.ArgumentParser, extra: list[str], flags: tuple[str, ...]) -> None:
+    """End the command with one line when the fit arguments set what the script sets for each run."""
+    given = sorted({flag for arg in extra for flag in flags if arg == flag or arg.startswith(flag + "=")})
+    if given:
+        parser.error(f"the script sets {', '.join(given)} for each run: leave it out of the fit arguments")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     argv, passthrough = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -245,6 +275,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_distinct_seeds(parser, args.seeds)
     args.extra = shlex.split(args.extra) + passthrough
+    check_not_given(parser, args.extra, OWN_FLAGS)
     return args
 
 

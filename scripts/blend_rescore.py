@@ -80,17 +80,19 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     torch.set_num_threads(min(torch.get_num_threads(), 2))  # set deliberately, as for any measurement here
     results = {}
-    totals: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    # per cross-validation: the runs of a 5-fold and a 10-fold one on the same dataset and seed are not summed
+    totals: dict[tuple[str, int, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for run_dir in runs:
         results[run_dir.name] = right = rescore(run_dir, args.share, args.linear_c)
         name = RUN.fullmatch(run_dir.name)
         for key, count in right.items():
-            totals[name["dataset"], int(name["seed"])][key] += count
+            totals[name["dataset"], int(name["folds"]), int(name["seed"])][key] += count
         print(run_dir.name, right, flush=True)
     ways = ["network", "linear", *map(blend_way, args.share)]
-    print(f"\n| dataset | seed | held out | {' | '.join(ways)} |\n| --- | ---: | ---: |" + " ---: |" * len(ways))
-    for (dataset, seed), t in sorted(totals.items()):
-        print(f"| {dataset} | {seed} | {t['held_out']:,} | " + " | ".join(f"{t[w]:,} ({100 * t[w] / t['held_out']:.2f}%)"
+    print(f"\n| dataset | folds | seed | held out | {' | '.join(ways)} |\n| --- | ---: | ---: | ---: |"
+          + " ---: |" * len(ways))
+    for (dataset, folds, seed), t in sorted(totals.items()):
+        print(f"| {dataset} | {folds} | {seed} | {t['held_out']:,} | " + " | ".join(f"{t[w]:,} ({100 * t[w] / t['held_out']:.2f}%)"
                                                                         for w in ways) + " |")
     record = {"share": args.share, "linear_c": args.linear_c, "runs": results}
     (args.runs_dir / "blend_rescore.json").write_text(json.dumps(record, indent=1) + "\n")

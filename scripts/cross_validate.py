@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from accuracy_table import (DEFAULT_DATASETS, DEFAULT_SEEDS, ROOT, Row, check_distinct_seeds, machine, run_once,
-                            slugify, span, split_passthrough, write_report)
+from accuracy_table import (DEFAULT_DATASETS, DEFAULT_SEEDS, OWN_FLAGS, ROOT, Row, check_distinct_seeds, check_not_given,
+                            machine, run_once, slugify, span, split_passthrough, write_report)
 
 PROG = "cross_validate"
 FOLD_SEED = 1234  # fixed, like fit's split seed: the same data gives the same folds
@@ -210,8 +210,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     check_distinct_seeds(parser, args.seeds)
-    if any(arg == "--baseline" or arg.startswith("--baseline=") for arg in passthrough):
-        parser.error("the comparison needs the baseline in every run: leave --baseline out of the arguments after --")
+    check_not_given(parser, passthrough, (*OWN_FLAGS, "--data.train_file", "--data.validation_file",
+                                          "--data.test_file", "--data.dataset"))
     for path in args.train_files:
         if not path.is_file():
             parser.error(f"file not found: {path}")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from accuracy_table import check_distinct_seeds
+
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ["movie-snippets", "trec6", "sms-spam", "bbc-news"]
 RULES = ("first", "lowest_loss", "within_one")
@@ -142,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--curves_dir", type=Path, default=ROOT / "checkpoints" / "selection-curves")
     args = parser.parse_args(argv)
+    check_distinct_seeds(parser, args.seeds)
     curves_dir = args.curves_dir
     curves_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)  # before any training: not a failure after hours of curves
     results = {}
     for dataset in args.datasets:
         curves = []

@@ -82,7 +82,10 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def load_script(name: str) -> ModuleType:
-    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    """scripts/<name>.py imported as a module (scripts/ is not a package), with scripts/ on the path, as when it runs
+    as a script: scripts import each other's helpers."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there

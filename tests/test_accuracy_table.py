@@ -84,6 +84,16 @@ def test_table_is_the_mean_over_seeds_and_a_second_invocation_only_runs_what_is_
     again = json.loads((tmp_path / "docs" / "accuracy.json").read_text())["runs"]
     assert again[0]["metrics"] == metrics[0] and again[0]["wall_s"] == report["runs"][0]["wall_s"]
     assert [r["reused"] for r in again] == [True, False]
+    code = {r["code"] for r in again}
+    assert len(code) == 1 and code <= {r["code"] for r in report["runs"]}  # the commit both were trained at
+    assert cells[8] == report["runs"][0]["code"] and "code: the commit the runs were trained at" in markdown
+
+    # Another command's run is never read back as this one's, nor a run with no record of its command.
+    proc = table(*args, "--", "--model.dropout", "0.1", cwd=tmp_path)
+    assert proc.returncode != 0 and "recipe-tiny-seed1 was trained by another command" in proc.stderr
+    (runs[0] / "accuracy_run.json").unlink()
+    proc = table(*args, cwd=tmp_path)
+    assert proc.returncode != 0 and "recipe-tiny-seed1 was trained by an unrecorded command" in proc.stderr
 
 
 def test_a_failed_run_stops_the_script_with_its_error(tmp_path):

@@ -82,3 +82,11 @@ def test_one_run_measures_everything_and_writes_json_markdown_and_plot(tmp_path)
     for heading in ("## Machine", "## Targets", "## Training throughput", "## Tokenization", "## Inference", "## Memory"):
         assert heading in markdown
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rewritten_report_keeps_other_scripts_sections_and_drops_its_own_skipped_ones(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\n## Training throughput\n\nstale figures\n\n## int8 bundles\n\nanother script's\n")
+    benchmark = load_script("benchmark")
+    kept = benchmark.written_elsewhere(report, benchmark.OWN_SECTIONS)  # a run with --skip training
+    assert kept == ["## int8 bundles\n\nanother script's\n"]

@@ -142,7 +142,9 @@ def test_a_local_file_is_named_by_its_contents_and_columns_not_by_its_name_alone
     (["--train_files", "missing.csv"], "file not found: missing.csv"),
     (["--folds", "200"], "too few for 200 folds"),
     (["--text_column", "review"], "has no column 'review'"),
-    (["--", "--baseline", "false"], "the comparison needs the baseline"),
+    (["--", "--baseline", "false"], "the script sets --baseline for each run"),
+    (["--", "--data.test_file=test.csv"], "the script sets --data.test_file for each run"),
+    (["--", "--seed_everything", "7"], "the script sets --seed_everything for each run"),
     (["--datasets", "trec6", "trec6"], "given twice"),
     (["--seeds", "1", "1"], "a seed twice"),
 ])
