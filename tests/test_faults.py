@@ -160,6 +160,26 @@ def test_a_sigterm_during_validation_lets_the_epoch_validate_then_stops(tmp_path
     assert_same_training(load(out / "stopped" / "last.ckpt"), load(out / "uninterrupted" / "last.ckpt"))
 
 
+class CopyLastAtValidation(Callback):
+    """Copies last.ckpt as it is when the first epoch's validation starts: what a kill -9 there would leave."""
+
+    def __init__(self, last: Path, copy: Path) -> None:
+        self.last, self.copy = last, copy
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0 and self.last.exists():
+            self.copy.write_bytes(self.last.read_bytes())
+
+
+def test_no_periodic_checkpoint_is_written_just_before_a_validation(tmp_path, tiny_csv):
+    """Resumed from a last.ckpt written on the batch before a validation, Lightning would skip that validation."""
+    out = tmp_path / "runs"
+    copy = tmp_path / "at-validation.ckpt"
+    main(tiny(tiny_csv, out, "periodic", "--checkpoint_every_n_steps", str(STEPS_PER_EPOCH // 2)),
+         callbacks=[CopyLastAtValidation(out / "periodic" / "last.ckpt", copy)])
+    assert load(copy)["global_step"] == STEPS_PER_EPOCH // 2  # the mid-epoch save, not one at the epoch's last step
+
+
 class RecordBatches(Callback):
     """Every training batch's epoch and examples (its token ids and labels), in the order trained."""
 

@@ -38,6 +38,8 @@ class LastCheckpoint(Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._saved_step:
+            if validation_follows(trainer):
+                return  # a resume from here would skip that validation: the save after it (epoch end) covers it
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -60,3 +62,12 @@ class LastCheckpoint(Callback):
                 self.save(trainer)
             except NonFiniteLoss:
                 pass  # keep the earlier, finite last.ckpt
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after this training batch (epoch end, or a val_check_interval).
+
+    A checkpoint written on this batch's end would restart past that validation: Lightning resumes a run saved
+    at a batch's end after the validation that followed it."""
+    loop = trainer.fit_loop
+    return loop._data_fetcher is not None and loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
