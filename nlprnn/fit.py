@@ -35,7 +35,7 @@ from nlprnn.callbacks.last_checkpoint import LastCheckpoint
 from nlprnn.callbacks.nonfinite import NonFiniteLossGuard
 from nlprnn.callbacks.report import ConfusionMatrixReport
 from nlprnn.callbacks.resume import RestoreLoaderPosition, check_resumable, check_same_batches
-from nlprnn.callbacks.selection import BestCheckpoint
+from nlprnn.callbacks.selection import BestCheckpoint, planned_epochs, training_length
 from nlprnn.callbacks.telemetry import TrainingMonitor
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import Derived, epoch_budget, patience_for
@@ -266,7 +266,7 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
             best = next((c for c in trainer.callbacks if isinstance(c, BestCheckpoint)), None)
             states = checkpoint.get("callbacks", {})
             state = next((s for k, s in states.items() if k.startswith(BestCheckpoint.__qualname__)), None)
-            check_same_budget(state or {}, trainer.max_epochs, best.patience if best else None, name)
+            check_same_budget(state or {}, trainer, best.patience if best else None, name)
             if best is not None and state is not None and state.get("dirpath") != best.dirpath:
                 best.adopt_best(state, copy=trainer.is_global_zero)  # resumed into another folder
             del checkpoint, states, state
@@ -370,13 +370,22 @@ def check_same_data(checkpoint: dict[str, Any], data: TextDataModule, checkpoint
                         "the data, settings and cache it was trained with, or start a new run")
 
 
-def check_same_budget(saved: dict[str, Any], max_epochs: int | None, patience: int | None, checkpoint_name: str) -> None:
+def check_same_budget(saved: dict[str, Any], trainer: Trainer, patience: int | None, checkpoint_name: str) -> None:
     """UserError if the length of training differs from the checkpoint's: the learning-rate schedule spans it, and
     early stopping would change. A budget derived from the same data is derived alike, so only an explicit
-    --trainer.max_epochs given then and not now (or the reverse) or another value is refused."""
+    --trainer.max_epochs given then and not now (or the reverse) or another value is refused; so are another
+    max_steps, accumulate_grad_batches or limit_train_batches."""
     if "max_epochs" not in saved:  # written before checkpoints recorded it
         return
+    max_epochs = planned_epochs(trainer)
     if (saved["max_epochs"], saved.get("patience")) == (max_epochs, patience):
+        length, then = training_length(trainer), saved.get("length") or {}
+        changed = [key for key in length if key in then and then[key] != length[key]]
+        if changed:
+            shown = ", ".join(f"trainer.{key} {then[key]} then, {length[key]} now" for key in changed)
+            how = " ".join(f"--trainer.{key} {then[key]}" for key in changed)
+            raise UserError(f"cannot resume: the length of training differs from {checkpoint_name}'s ({shown}), "
+                            f"which would reshape the learning-rate schedule; resume with {how}, or start a new run")
         return
 
     def plan(epochs: int | None, stop: int | None) -> str:

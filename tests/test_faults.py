@@ -288,6 +288,24 @@ def test_resuming_with_other_data_or_another_length_of_training_is_refused_and_c
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+def test_a_run_bounded_by_max_steps_resumes_and_refuses_another_length(tmp_path, tiny_csv, capsys):
+    out = tmp_path / "runs"
+    steps = ["--trainer.max_epochs", "null", "--trainer.max_steps", "25", "--checkpoint_every_n_steps", "0"]
+    stopped_at(5, tiny(tiny_csv, out, "stepped", *steps))
+    run = out / "stepped"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    line = refused(tiny(tiny_csv, out, "stepped", *steps, "--trainer.max_steps", "12", "--ckpt_path", "last"), capsys)
+    assert line == ("cannot resume: the length of training differs from last.ckpt's (trainer.max_steps 25 then, 12 "
+                    "now), which would reshape the learning-rate schedule; resume with --trainer.max_steps 25, or "
+                    "start a new run")
+    line = refused(tiny(tiny_csv, out, "stepped", *steps, "--trainer.accumulate_grad_batches", "3", "--ckpt_path",
+                        "last"), capsys)
+    assert "(trainer.accumulate_grad_batches 1 then, 3 now)" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    main(tiny(tiny_csv, out, "stepped", *steps, "--ckpt_path", "last"))  # its own length: resumed to the end
+    assert load(run / "last.ckpt")["global_step"] == 25
+
+
 def test_a_checkpoint_without_the_batch_position_is_refused(tmp_path, tiny_csv, capsys):
     out = tmp_path / "runs"
     stopped_at(5, tiny(tiny_csv, out, "stopped", "--checkpoint_every_n_steps", "0"))

@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from nlprnn.atomic import copy_file
@@ -54,10 +54,11 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_tie_break = math.inf
         self.stopped_epoch = -1
         self.max_epochs: int | None = None  # saved with the patience: a resume must keep the length of training
+        self.length: dict[str, Any] | None = None  # and the rest of what fixes it (training_length)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.monitor, self.tie_break = selection_metrics(pl_module)
-        self.max_epochs = trainer.max_epochs
+        self.max_epochs, self.length = planned_epochs(trainer), training_length(trainer)
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -88,7 +89,8 @@ class BestCheckpoint(ModelCheckpoint):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "best_epoch": self.best_epoch, "best_tie_break": self.best_tie_break,
-                "patience": self.patience, "stopped_epoch": self.stopped_epoch, "max_epochs": self.max_epochs}
+                "patience": self.patience, "stopped_epoch": self.stopped_epoch, "max_epochs": self.max_epochs,
+                "length": self.length}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath", self.dirpath)
@@ -142,3 +144,18 @@ def checkpoint_epoch(path: Path) -> int | None:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("epoch")
     except Exception:
         return None
+
+
+def planned_epochs(trainer: L.Trainer) -> int:
+    """max_epochs as Lightning resolves it when fit starts: unset, 1000, or -1 (no limit) beside max_steps or max_time."""
+    if trainer.max_epochs is not None:
+        return trainer.max_epochs
+    timed = any(isinstance(c, Timer) for c in trainer.callbacks)
+    return 1000 if trainer.max_steps == -1 and not timed else -1
+
+
+def training_length(trainer: L.Trainer) -> dict[str, Any]:
+    """Besides max_epochs, what fixes the number of optimizer steps (Lightning's estimated_stepping_batches), which
+    the learning-rate schedule spans."""
+    return {"max_steps": trainer.max_steps, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "limit_train_batches": trainer.limit_train_batches}
