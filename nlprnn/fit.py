@@ -41,7 +41,8 @@ from nlprnn.data.datamodule import TextDataModule
 from nlprnn.derived import Derived, epoch_budget, patience_for
 from nlprnn.errors import UserError, exit_on_reported_error, first_line
 from nlprnn.models.classifier import TextClassifier
-from nlprnn.run_dir import RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name, run_name_handover
+from nlprnn.run_dir import (RUN_NAME_ENV, claim_run_dir, dataset_stem, new_run_name, releasing_run_dirs,
+                            run_name_handover)
 from nlprnn.threads import fit_threads_to_machine
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -529,7 +530,7 @@ def run(args: list[str] | None = None, callbacks: Sequence[Callback] = (), test:
 
     resume_hint: after SIGTERM, print the command that resumes this run.
     """
-    with run_name_handover():
+    with run_name_handover(), releasing_run_dirs():
         return _run(args, callbacks, test, resume_hint)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,34 @@ from nlprnn.errors import UserError
 
 # Set by the launching process so that the processes it starts for other devices use its folder.
 RUN_NAME_ENV = "NLPRNN_RUN_NAME"
-CLAIM_FILE = ".claimed"  # made first in a new run folder, by one run only
+CLAIM_FILE = ".claimed"  # made first in a new run folder, by one run only; locked while a process trains in it
+_held: dict[Path, int] = {}  # run folder -> the open claim file whose lock this process holds
+
+
+@contextmanager
+def releasing_run_dirs() -> Iterator[None]:
+    """The run folders this process locked (hold) are released when the run ends: the process may run fit again."""
+    try:
+        yield
+    finally:
+        for descriptor in _held.values():
+            os.close(descriptor)
+        _held.clear()
+
+
+def hold(run_dir: Path) -> None:
+    """Lock the run folder for this process until its run ends: a second process training there is refused."""
+    if sys.platform == "win32":  # no flock: the claim file still guards new runs
+        return
+    import fcntl
+
+    descriptor = os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_RDWR, 0o644)  # a resumed older run may lack it
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UserError(f"another process is training in {run_dir} now; let it end, or stop it first") from None
+    _held[run_dir] = descriptor
 
 
 @contextmanager
@@ -48,6 +76,7 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
             raise UserError(f"cannot resume: there is no run folder {run_dir}")
         if not os.access(run_dir, os.W_OK | os.X_OK):  # before any of it is read, trained or half-written
             raise UserError(f"cannot resume: the run folder {run_dir} is not writable")
+        hold(run_dir)
         return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder; choose another --run_name")
@@ -72,5 +101,6 @@ def claim_run_dir(root: Path, run_name: str, resuming: bool) -> Path:
         raise UserError(f"another run has just claimed {run_dir}; choose another --run_name") from None
     except OSError as err:
         raise UserError(f"cannot create the run folder {run_dir}: {err.strerror}") from None
+    hold(run_dir)
     return run_dir
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from nlprnn.errors import UserError
 from nlprnn.fit import main
-from nlprnn.run_dir import claim_run_dir
+from nlprnn.run_dir import claim_run_dir, releasing_run_dirs
 from test_fit import TINY_MODEL
 
 
@@ -83,3 +85,19 @@ def test_resuming_into_a_run_folder_this_user_cannot_write_is_one_line(tmp_path,
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run)
     with pytest.raises(UserError, match=f"cannot resume: the run folder {run} is not writable"):
         claim_run_dir(tmp_path / "runs", "frozen", resuming=True)
+
+
+def test_a_second_process_cannot_train_in_a_run_folder_another_is_training_in(tmp_path):
+    run = claim_run_dir(tmp_path / "runs", "busy", resuming=False)  # this process trains there
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from nlprnn.run_dir import claim_run_dir\n"
+         "try:\n    claim_run_dir(Path(sys.argv[1]), 'busy', resuming=True)\n"
+         "except Exception as err:\n    print(err)", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() == f"another process is training in {run} now; let it end, or stop it first"
+    with releasing_run_dirs():
+        pass  # the run ends: the folder is free to resume
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from nlprnn.run_dir import claim_run_dir; claim_run_dir(Path(sys.argv[1]), 'busy', True)",
+                            str(tmp_path / "runs")], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
