@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +297,41 @@ def fit_and_test(cli: FitCLI, test: bool = True) -> dict[str, float]:
     if not test:  # nlprnn.tune selects on validation only: no test split, no baseline
         score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return {"best_val_acc": float("nan") if score is None else float(score)}
+    with stoppable_after_training(requeue_signal=cli.slurm_requeue is not None):
+        return test_and_report(cli)
+
+
+class StoppedAfterTraining(BaseException):  # not an Exception: the baseline's broad fallback must not catch it
+    """SIGTERM, or SLURM's SIGUSR1, while the finished training was calibrated, tested or compared."""
+
+    def __init__(self, requeue: bool) -> None:
+        super().__init__(requeue)
+        self.requeue = requeue
+
+
+@contextmanager
+def stoppable_after_training(requeue_signal: bool) -> Iterator[None]:
+    """After trainer.fit, Lightning's signal handlers are gone: a signal would end the process silently. last.ckpt
+    holds the whole training by then, so a signal stops the run at once, to be resumed (or requeued) for its test."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise StoppedAfterTraining(requeue=signum == slurm.REQUEUE_SIGNAL)
+
+    signals = [signal.SIGTERM, *([slurm.REQUEUE_SIGNAL] if requeue_signal else [])]
+    previous = {signum: signal.signal(signum, stop) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_and_report(cli: FitCLI) -> dict[str, float]:
+    """Test the best checkpoint (calibrated first), beside the baseline; write metrics.json and the summary line."""
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
     best = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if best is None and timer is not None and timer.time_remaining() <= 0:  # else weights never validated are tested
@@ -460,6 +498,21 @@ def calibrate(cli: FitCLI, checkpoint: str | None) -> None:
     trainer.strategy.barrier()  # the test reloads the checkpoint on every process
 
 
+def report_stop_after_training(cli: FitCLI, stop: StoppedAfterTraining, resume_hint: bool) -> None:
+    """The run was stopped after its training, before its test ended: last.ckpt holds the training to test."""
+    if stop.requeue:
+        problem = slurm.requeue()
+        if problem is None:
+            print(f"nlprnn.fit: stopped after training, before the time limit; requeuing SLURM job {slurm.job_id()}, "
+                  "which tests last.ckpt's training", file=sys.stderr, flush=True)
+            return
+        raise UserError(f"last.ckpt holds the whole training, but `scontrol requeue {slurm.job_id()}` failed "
+                        f"({problem}); test it with {resume_command(cli)}")
+    hint = f"; test it with {resume_command(cli)}" if resume_hint else ""
+    print(f"nlprnn.fit: stopped by SIGTERM after training, before its test ended (last.ckpt holds the whole "
+          f"training){hint}", file=sys.stderr, flush=True)
+
+
 def report_stop(cli: FitCLI, resume_hint: bool) -> None:
     """After SIGTERM (or SLURM's time-limit signal) saved last.ckpt: say how the run goes on."""
     step = cli.trainer.global_step
@@ -563,6 +616,10 @@ def _run(args: list[str] | None, callbacks: Sequence[Callback], test: bool, resu
     except SIGTERMException:
         if cli.trainer.is_global_zero:
             report_stop(cli, resume_hint)
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
+    except StoppedAfterTraining as stop:
+        if cli.trainer.is_global_zero:
+            report_stop_after_training(cli, stop, resume_hint)
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
     if cli.config.export and cli.trainer.is_global_zero:
         from nlprnn.export import export_after_fit  # onnx and onnxruntime only when asked for

@@ -180,6 +180,29 @@ def test_no_periodic_checkpoint_is_written_just_before_a_validation(tmp_path, ti
     assert load(copy)["global_step"] == STEPS_PER_EPOCH // 2  # the mid-epoch save, not one at the epoch's last step
 
 
+class TermAtTest(Callback):
+    """Sends this process SIGTERM as the test starts: after training, when Lightning's fit handlers are gone."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_after_training_stops_in_one_line_and_the_resume_only_tests(tmp_path, tiny_csv, capsys):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny(tiny_csv, out, "tested-later"), callbacks=[TermAtTest()])
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.strip().endswith(
+        "nlprnn.fit: stopped by SIGTERM after training, before its test ended (last.ckpt holds the whole training); "
+        f"test it with python -m nlprnn.fit --config {out / 'tested-later' / 'config.yaml'} --ckpt_path last")
+    assert not (out / "tested-later" / "metrics.json").exists()
+    trained = load(out / "tested-later" / "last.ckpt")["global_step"]
+    assert trained == 3 * STEPS_PER_EPOCH
+    metrics = main(tiny(tiny_csv, out, "tested-later", "--ckpt_path", "last"))
+    assert "test_acc" in metrics and (out / "tested-later" / "metrics.json").exists()
+    assert load(out / "tested-later" / "last.ckpt")["global_step"] == trained  # nothing trained again
+
+
 class RecordBatches(Callback):
     """Every training batch's epoch and examples (its token ids and labels), in the order trained."""
 

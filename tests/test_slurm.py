@@ -5,10 +5,12 @@ The job's environment is what srun gives a task; `scontrol` is a stand-in that r
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 from test_faults import assert_same_training, fit_stalled_at, load, tiny
 
 from nlprnn import slurm
@@ -76,3 +78,21 @@ def test_a_failed_requeue_is_one_line_and_keeps_the_checkpoint(tmp_path, tiny_cs
         f"continue with python -m nlprnn.fit --config {out / 'tiny-slurm4711.0' / 'config.yaml'} --ckpt_path last"
     )
     assert load(out / "tiny-slurm4711.0" / "last.ckpt")["global_step"] == 3
+
+
+class UsrAtTest(Callback):
+    """Sends this process SLURM's time-limit signal as the test starts, after training."""
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_the_time_limit_signal_after_training_requeues_the_job_to_test_it(tmp_path, tiny_csv, slurm_task, capsys):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny(tiny_csv, out, None), callbacks=[UsrAtTest()])
+    assert exit_info.value.code == 143
+    assert ("stopped after training, before the time limit; requeuing SLURM job 4711, which tests last.ckpt's "
+            "training") in capsys.readouterr().err
+    assert slurm_task.read_text() == "requeue 4711\n"
+    assert not (out / "tiny-slurm4711.0" / "metrics.json").exists()
