@@ -282,18 +282,19 @@ def _fill_missing_splits(splits: dict, seed: int) -> dict:
         _check_splittable(len(train), missing)
     if len(missing) == 2:
         train, held = _split_off(train, 2 * HELD_OUT_FRACTION, seed)
-        validation, test = _split_off(held, 0.5, seed)
+        validation, test = _split_off(held, 0.5, seed, rest_is_training=False)
         return {"train": train, "validation": validation, "test": test}
     for split in missing:
         train, splits[split] = _split_off(train, HELD_OUT_FRACTION, seed)
     return {"train": train, **{s: splits[s] for s in ("validation", "test")}}
 
 
-def _split_off(ds, fraction: float, seed: int):
+def _split_off(ds, fraction: float, seed: int, rest_is_training: bool = True):
     """(rest, held-out): a seeded split, stratified by label, that only reads the label column.
 
     Each class gives its share of the `ceil(fraction * n)` held-out examples (largest remainders
-    round up), so class balance is kept even for rare classes.
+    round up), so class balance is kept even for rare classes. Where the rest is training data, a
+    class's last example stays in it; dealing held-out data into validation and test, it need not.
     """
     labels = ds.with_format("arrow", columns=["label"])[:]["label"].to_numpy()  # (N,)
     rng = np.random.default_rng(seed)
@@ -302,7 +303,8 @@ def _split_off(ds, fraction: float, seed: int):
     take = np.floor(wanted).astype(int)
     shortfall = int(round(wanted.sum())) - int(take.sum())
     take[np.argsort(take - wanted, kind="stable")[:shortfall]] += 1  # largest remainders first
-    take = np.minimum(take, counts - 1)  # a class of one example stays in training, where it can be learned
+    if rest_is_training:
+        take = np.minimum(take, counts - 1)  # a class of one example stays in training, where it can be learned
     held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
     rest = np.setdiff1d(np.arange(len(ds)), held, assume_unique=True)
     return ds.select(rng.permutation(rest)), ds.select(rng.permutation(held))

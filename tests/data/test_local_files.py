@@ -281,3 +281,12 @@ def test_a_parquet_file_written_by_datasets_with_a_class_label_is_read(tmp_path)
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
     splits = load_splits(SourceSpec(train_file=str(path)))
     assert sum(len(split) for split in splits.values()) == 40 and len(splits["train"].features["label"].names) == 2
+
+
+def test_rare_classes_are_dealt_to_test_as_well_as_validation(tmp_path):
+    """Forty classes of five: each gives one example to the held-out fifth, and half of those go to test."""
+    rows = [{"text": f"intent {c} example {i}", "label": f"intent{c:02d}"} for c in range(40) for i in range(5)]
+    splits = load_splits(SourceSpec(train_file=str(write_csv(tmp_path / "intents.csv", rows))))
+    assert {s: len(splits[s]) for s in splits} == {"train": 160, "validation": 20, "test": 20}
+    assert len(set(splits["validation"]["label"])) == 20 and len(set(splits["test"]["label"])) == 20
+    assert len(set(splits["train"]["label"])) == 40  # every class keeps most of its examples for training
