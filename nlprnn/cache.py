@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -14,3 +16,17 @@ def cache_dir() -> Path:
         return Path(os.environ["NLPRNN_CACHE"]).expanduser()
     return platformdirs.user_cache_path("nlprnn", appauthor=False)
 
+
+
+def file_identity(path: str | Path) -> dict:
+    """Resolved path, size and modification time: what makes a file another version, for cache keys."""
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(p)}
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def digest(key: object) -> str:
+    """A short, stable name for a JSON-able cache key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

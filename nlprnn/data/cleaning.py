@@ -7,16 +7,14 @@ never a whole column as Python objects, so they stay cheap on corpora of million
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from nlprnn.atomic import write_bytes
-from nlprnn.cache import cache_dir
+from nlprnn.atomic import replacing, write_bytes
+from nlprnn.cache import cache_dir, digest, file_identity
 from nlprnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,22 +56,16 @@ def repair_utf8(path: Path) -> tuple[Path, int]:
     """
     if _is_utf8(path):
         return path, 0
-    st = path.stat()
-    identity = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    copy = cache_dir() / "repaired" / f"{path.stem}-{digest}{path.suffix}"
+    copy = cache_dir() / "repaired" / f"{path.stem}-{digest(file_identity(path))}{path.suffix}"
     count_file = copy.with_name(copy.name + ".replaced")
     if copy.exists() and count_file.exists():
         return copy, int(count_file.read_text())
     counter = _ReplacementCounter()
     decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    scratch = copy.with_name(f".{copy.name}.partial")
-    with path.open("rb") as src, scratch.open("wb") as dst:
+    with path.open("rb") as src, replacing(copy) as dst:  # a scratch file of its own: two runs may repair at once
         for block in iter(lambda: src.read(READ_BLOCK), b""):
             dst.write(decoder.decode(block).encode("utf-8"))
         dst.write(decoder.decode(b"", final=True).encode("utf-8"))
-    scratch.replace(copy)
     write_bytes(count_file, str(counter.count).encode())
     return copy, counter.count
 

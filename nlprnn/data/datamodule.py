@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -16,7 +15,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from nlprnn.atomic import publishing
-from nlprnn.cache import cache_dir
+from nlprnn.cache import cache_dir, digest, file_identity
 from nlprnn.data.batching import BucketBatchSampler, Collate, ResumableLoader, TokenizedSplit
 from nlprnn.data.sources import FILE_FORMATS, SPLITS, SourceSpec, load_splits
 from nlprnn.data.tokenizer import (
@@ -162,18 +161,17 @@ class TextDataModule(L.LightningDataModule):
     def _cache_entry(self) -> Path:
         key = {
             "format": PREPARED_FORMAT,
-            "source": asdict(self.source),
-            "files": {split: {**_file_identity(path), **_reading(path)} for split, path in self.source.files.items()},
+            "source": _spelled_out(self.source),
+            "files": {split: {**file_identity(path), **_reading(path)} for split, path in self.source.files.items()},
             "tokenizer": asdict(resolve_auto(self.tokenizer_config)),
             # the file is used with its padding off (see train_tokenizer), and cuts a text before the special tokens
             # its post-processor adds (see tokenize_splits): no entry tokenized otherwise is reused
-            "tokenizer_file": {**_file_identity(self.tokenizer_config.file), "padding": None, "cut": "before specials"}
+            "tokenizer_file": {**file_identity(self.tokenizer_config.file), "padding": None, "cut": "before specials"}
             if self.tokenizer_config.file else None,
             "max_length": self.max_length or MAX_LENGTH_RULE,  # a changed rule derives anew
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         name = Path(self.source.train_file).stem if self.source.train_file else self.source.dataset.replace("/", "--")
-        return cache_dir() / "prepared" / f"{name}-{digest}"
+        return cache_dir() / "prepared" / f"{name}-{digest(key)}"
 
     @property
     def tokenizer_file(self) -> Path:
@@ -394,16 +392,14 @@ def tokenize_splits(splits, tokenizer, max_length: int, num_proc: int | None = N
     return tokenized, counts
 
 
+def _spelled_out(source: SourceSpec) -> dict:
+    """The source's options with its files' resolved paths: `./train.csv` and its absolute path are one entry."""
+    options = asdict(source)
+    return {k: str(Path(v).resolve()) if k.endswith("_file") and v else v for k, v in options.items()}
+
+
 def _reading(path: str) -> dict:
     """The reader options of a file format that has some (TSV), so that changing them prepares the file anew."""
     options = FILE_FORMATS.get(Path(path).suffix.lower(), (None, {}))[1]
     return {"reader": options} if options else {}
 
-
-def _file_identity(path: str) -> dict:
-    """Path, size and modification time: a changed file gets a new cache entry."""
-    p = Path(path)
-    if not p.exists():
-        return {"path": str(p)}
-    st = p.stat()
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nlprnn.cache import cache_dir
+from nlprnn.cache import cache_dir, digest, file_identity
 from nlprnn.data.catalog import CATALOG, load_builtin
 from nlprnn.data.cleaning import check_labels, drop_empty_texts, repair_utf8
 from nlprnn.errors import UserError, first_line
@@ -120,9 +120,10 @@ def _read_file(path: Path, spec: SourceSpec):
     if builder == "csv":  # every column as text: pandas types a column by chunk, and "NA" in a later one fails it
         options = {**options, "converters": dict.fromkeys(_csv_header(readable, options), str)}
     try:
-        ds = datasets.load_dataset(
-            builder, data_files=str(readable), split="train", cache_dir=str(cache_dir() / "files"), **options
-        )
+        # a cache of its own per file version: `datasets` tells versions apart by path and modification time
+        # alone, and `unzip`, `cp -p` or `rsync -a` can leave other contents with the old time
+        version = cache_dir() / "files" / digest(file_identity(readable))
+        ds = datasets.load_dataset(builder, data_files=str(readable), split="train", cache_dir=str(version), **options)
     except Exception as err:  # the builders raise many types for a malformed file
         raise UserError(f"cannot read {path} as {builder}: {_reason(err)}") from None
     ds = _text_and_label(ds, spec, str(path))

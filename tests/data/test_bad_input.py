@@ -45,6 +45,17 @@ def test_repairs_are_made_once_per_file_version(tmp_path):
     assert repair_utf8(path) == first
 
 
+def test_two_runs_repair_one_file_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "big.tsv"
+    path.write_bytes(b"text\tlabel\n" + b"caf\xe9 cr\xe8me\tpositive\n" * 200_000)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(repair_utf8, [path, path]))
+    assert results[0] == results[1] and results[0][1] == 400_000
+    assert results[0][0].read_bytes() == path.read_bytes().replace(b"\xe9", "\ufffd".encode()).replace(b"\xe8", "\ufffd".encode())
+
+
 def test_empty_and_whitespace_texts_are_dropped_with_a_count(tmp_path, caplog):
     rows = make_examples(40) + [{"text": "", "label": "positive"}, {"text": "  \t ", "label": "negative"}]
     rows.append({"text": "\u00a0\u2003", "label": "positive"})  # Unicode spaces only

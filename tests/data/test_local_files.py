@@ -290,3 +290,21 @@ def test_rare_classes_are_dealt_to_test_as_well_as_validation(tmp_path):
     assert {s: len(splits[s]) for s in splits} == {"train": 160, "validation": 20, "test": 20}
     assert len(set(splits["validation"]["label"])) == 20 and len(set(splits["test"]["label"])) == 20
     assert len(set(splits["train"]["label"])) == 40  # every class keeps most of its examples for training
+
+
+def test_a_file_rewritten_with_its_old_modification_time_is_read_anew(tmp_path):
+    """As `unzip`, `tar x`, `cp -p` or `rsync -a` leave it: other contents, the same path and modification time."""
+    import os
+
+    path = write_csv(tmp_path / "train.csv", [{"text": f"first version {i}", "label": i % 2} for i in range(40)])
+    stamp = path.stat().st_mtime_ns
+    assert all(t.startswith("first") for t in load_splits(SourceSpec(train_file=str(path)))["train"]["text"])
+    write_csv(path, [{"text": f"second, longer version {i}", "label": i % 2} for i in range(40)])
+    os.utime(path, ns=(stamp, stamp))
+    assert all(t.startswith("second") for t in load_splits(SourceSpec(train_file=str(path)))["train"]["text"])
+
+
+def test_a_relative_and_an_absolute_path_to_one_file_share_a_cache_entry(tiny_csv, monkeypatch):
+    monkeypatch.chdir(tiny_csv.parent)
+    relative = TextDataModule(train_file=f"./{tiny_csv.name}")
+    assert relative.prepared_dir == TextDataModule(train_file=str(tiny_csv)).prepared_dir
