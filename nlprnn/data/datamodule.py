@@ -278,9 +278,13 @@ class TextDataModule(L.LightningDataModule):
         """One rank's batches of a split (a resumed run checks its checkpoint against the training ones)."""
         self.setup()
         lengths = self.splits[split].with_format("numpy", columns=["length"])[:]["length"]  # (N,), not a Python list
-        return BucketBatchSampler(
-            lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world_size
-        )
+        try:
+            return BucketBatchSampler(
+                lengths, self.batch_size, shuffle=shuffle, seed=self.source.split_seed, rank=rank, world_size=world_size
+            )
+        except ValueError as err:  # every rank needs a batch of its own: a small split on many devices
+            raise UserError(f"the {split} split is too small for {world_size} devices: {err}; give it more examples "
+                            "or train on fewer devices") from None
 
     def whole_split_loader(self, split: str) -> DataLoader:
         """All of a split for one process, in length order (the trainer's loaders deal it out among ranks)."""

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_examples, write_csv
 from nlprnn.data.datamodule import TextDataModule
+from nlprnn.errors import UserError
 
 
 def prepared_rows(data: TextDataModule) -> dict[str, list]:
@@ -59,3 +60,12 @@ def test_loaders_cover_each_split_once(tiny_csv, batch_size):
     sizes = json.loads((data.prepared_dir / "meta.json").read_text())["sizes"]
     for split, loader in [("train", data.train_dataloader()), ("test", data.test_dataloader())]:
         assert sum(len(batch["labels"]) for batch in loader) == sizes[split]
+
+
+def test_a_split_too_small_for_its_devices_is_refused_by_name(tiny_csv):
+    data = TextDataModule(train_file=str(tiny_csv))  # 20 test examples
+    data.prepare()
+    with pytest.raises(UserError, match=r"^the test split is too small for 32 devices: 20 examples cannot fill 32 "
+                                        r"batches, 1 for each of 32 ranks, without repeating some; give it more"):
+        data.batch_sampler("test", False, rank=0, world_size=32)
+    assert len(data.batch_sampler("test", False, rank=0, world_size=20)) == 1
