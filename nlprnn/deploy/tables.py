@@ -76,7 +76,7 @@ class InputFiles:
     format: str
     text_column: str
     columns: tuple[str, ...]  # of the first file (of every line of every file, for JSON lines)
-    schema: pa.Schema | None = None  # JSON lines: of every line, which each batch is given; Parquet: the first file's
+    schema: pa.Schema | None = None  # JSON lines, Parquet: of every file, which each batch is given
 
     def batches(self, on_malformed: Callable[[str], None] | None = None) -> Iterator[pa.RecordBatch]:
         """Every row of every file in order, in record batches of at most BATCH_ROWS rows.
@@ -87,7 +87,7 @@ class InputFiles:
         """
         for file in self.files:
             if self.format == "parquet":
-                yield from _parquet_batches(file)
+                yield from (_conform(batch, self.schema) for batch in _parquet_batches(file))
             elif self.format in ("csv", "tsv"):
                 yield from _csv_batches(file, self.format, self.text_column, on_malformed)
             elif self.format == "jsonl":
@@ -134,11 +134,30 @@ def open_input(path: str | Path, text_column: str) -> InputFiles:
             f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, first_columns))}); "
             "name the text column with --text_column"
         )
-    schema = pq.read_schema(files[0]) if fmt == "parquet" else None
-    if schema is not None and not _holds_text(kind := schema.field(text_column).type):
-        raise UserError(f"column {text_column!r} of {files[0]} holds {kind}, not text; name the text column "
-                        "with --text_column")
+    schema = parquet_schema(files, text_column) if fmt == "parquet" else None
     return InputFiles(tuple(files), fmt, text_column, tuple(first_columns), schema)
+
+
+def parquet_schema(files: list[Path], text_column: str) -> pa.Schema:
+    """The columns of Parquet `files` (which name the same columns) with one type each, joined over every file
+    (null joins any type, an int a float), so that every part gets the same types; a column whose types cannot
+    be joined is one line before anything is written. A text column whose type differs between files is bytes,
+    decoded by `decode_texts` as any text is."""
+    merged, text_types = None, set()
+    for file in files:
+        schema = pq.read_schema(file)
+        if not _holds_text(kind := schema.field(text_column).type):
+            raise UserError(f"column {text_column!r} of {file} holds {kind}, not text; name the text column "
+                            "with --text_column")
+        text_types.add(kind)
+        others = schema.remove(schema.get_field_index(text_column))
+        try:
+            merged = others if merged is None else _unified(merged, others)
+        except (pa.ArrowException, TypeError, ValueError) as err:
+            raise UserError(f"cannot read {file}: its column types do not join those of the files before it "
+                            f"({first_line(err)}); give every file the same types") from None
+    text_type = text_types.pop() if len(text_types) == 1 else pa.large_binary()
+    return merged.insert(schema.get_field_index(text_column), pa.field(text_column, text_type))
 
 
 def jsonl_schema(files: list[Path], text_column: str) -> pa.Schema:

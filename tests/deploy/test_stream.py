@@ -478,3 +478,20 @@ def test_a_text_column_that_is_not_text_is_one_line_and_a_failed_job_leaves_no_f
     proc = run_cli(str(bundle), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "changes type" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_parquet_parts_whose_column_types_differ_are_merged_or_refused_in_one_line(bundle, tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"score": pa.array([1, 2], pa.int64()), "text": ["good", "bad"]}), parts / "a.parquet")
+    pq.write_table(pa.table({"score": [0.5], "text": pa.array(["fine"]).dictionary_encode()}), parts / "b.parquet")
+    score(bundle, parts, tmp_path / "out", "--rows_per_part", "2")
+    assert len({pq.read_schema(part) for part in (tmp_path / "out").glob("part-*.parquet")}) == 1
+    table = pq.read_table(tmp_path / "out")
+    assert table.column("score").to_pylist() == [1.0, 2.0, 0.5] and table.column("text").to_pylist()[2] == "fine"
+
+    pq.write_table(pa.table({"score": ["x"], "text": ["awful"]}), parts / "c.parquet")
+    proc = run_cli(str(bundle), "--input", str(parts), "--output", str(tmp_path / "out2"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot read {parts / 'c.parquet'}: its column types do not join" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out2").exists()
