@@ -1,7 +1,8 @@
 """Word-level explanations by occlusion: how much each word moves the probability of the predicted label.
 
 For a text, each word of the original text (as the tokenizer's pre-tokenizer splits it: words and runs of
-punctuation) is deleted in turn, and its contribution is p(label | text) - p(label | text without the word),
+punctuation; the pieces a character is expanded into by the normaliser, as NFKC reads ½ as 1⁄2, are one word) is
+deleted in turn, and its contribution is p(label | text) - p(label | text without the word),
 where label is the prediction for the whole text. Positive: the word speaks for the label; negative: against it.
 
 A word is deleted rather than replaced by the unknown token: [UNK] is itself evidence to the model (it stands for
@@ -122,7 +123,22 @@ def _words(encoding: Encoding) -> list[_Word]:
         if word_id not in spans:
             break
         spans[word_id][1] = max(spans[word_id][1], end)
-    return [_Word(spans[i][0], spans[i][1], positions[i]) for i in sorted(spans, key=lambda i: spans[i][0])]
+    return _merged([_Word(spans[i][0], spans[i][1], positions[i]) for i in sorted(spans, key=lambda i: spans[i][0])])
+
+
+def _merged(words: list[_Word]) -> list[_Word]:
+    """`words` (sorted by start) with those whose characters overlap made one word with all their tokens.
+
+    The normaliser may expand one character into several words (NFKC reads ½ as 1⁄2), each pointing at that same
+    character; deleting only some of them would leave the character half read, and the text would be shown twice.
+    """
+    merged: list[_Word] = []
+    for word in words:
+        if merged and word.start < merged[-1].end:
+            last = merged.pop()
+            word = _Word(last.start, max(last.end, word.end), sorted(last.positions + word.positions))
+        merged.append(word)
+    return merged
 
 
 def html_head() -> str:
@@ -148,14 +164,15 @@ def html_section(text: str, explanation: Explanation) -> str:
     scale = max((abs(w.contribution) for w in explanation.words), default=0.0) or 1.0
     pieces, cursor = [], 0
     for w in explanation.words:
-        pieces.append(html.escape(text[cursor : w.start]))
+        start = max(w.start, cursor)  # words built elsewhere may overlap: no character is shown twice
+        pieces.append(html.escape(text[cursor:start]))
         alpha = abs(w.contribution) / scale
         rgb = "0,160,0" if w.contribution >= 0 else "220,0,0"
         pieces.append(
             f'<span style="background:rgba({rgb},{alpha:.3f})" title="{w.contribution:+.4f}">'
-            f"{html.escape(text[w.start : w.end])}</span>"
+            f"{html.escape(text[start : w.end])}</span>"
         )
-        cursor = w.end
+        cursor = max(w.end, cursor)
     pieces.append(html.escape(text[cursor:]))
     probabilities = ", ".join(f"{html.escape(label)} {p:.3f}" for label, p in explanation.probabilities.items())
     return (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from nlprnn.deploy import Predictor
-from nlprnn.deploy.explain import Explanation, WordContribution, explain
+from nlprnn.deploy.explain import Explanation, WordContribution, explain, html_section
 
 from deploy.tiny_bundles import LABELS, WORDS, build_bundle
 
@@ -74,6 +76,22 @@ def test_words_past_max_length_are_left_out(short_predictor):
     # The variant is what was read less the word: no unread word slides into the window in its place.
     cut = probability(short_predictor, "bad awful great", explanation.label)
     assert explanation.words[0].contribution == pytest.approx(full - cut, abs=1e-5)
+
+
+def test_a_character_the_normaliser_expands_is_one_word_and_shown_once(predictor):
+    text = "good movie, 3\u00bd stars"  # NFKC reads ½ as 1⁄2: three pieces, all pointing into the same characters
+    (explanation,) = predictor.explain([text])
+    assert [(w.word, w.start, w.end) for w in explanation.words] == [
+        ("good", 0, 4), ("movie", 5, 10), (",", 10, 11), ("3\u00bd", 12, 14), ("stars", 15, 20)]
+    full = probability(predictor, text, explanation.label)
+    without = probability(predictor, "good movie, stars", explanation.label)
+    assert explanation.words[3].contribution == pytest.approx(full - without, abs=1e-5)
+    shown = html_section(text, explanation).split('<div class="text">')[1].split("</div>")[0]
+    assert html.unescape(re.sub("<[^>]*>", "", shown)) == text
+    overlapping = Explanation("positive", {"positive": 1.0}, [WordContribution("3\u00bd", 12, 14, 0.5),
+                                                               WordContribution("\u00bd", 13, 14, 0.5)])
+    shown = html_section(text, overlapping).split('<div class="text">')[1].split("</div>")[0]
+    assert html.unescape(re.sub("<[^>]*>", "", shown)) == text
 
 
 def count_model_calls(predictor, monkeypatch) -> list[int]:
