@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class ServeSettings:
         max_wait_ms: longest time a text waits for its batch to fill.
         max_queue: most texts waiting at once; a request that would go beyond gets 503. It bounds the
             time a text waits (here about 0.1 s at full load) and the memory the queue can hold. A text
-            being explained takes up to max_length + 1 places (`explain_cost`) until its explanation is done.
+            being explained takes up to max_length + 1 places (`explain_cost`, at most max_queue) until its
+            explanation is done; a request's texts are explained one after another, batches running between.
         max_texts: most texts in one request (413 beyond).
         max_chars: most characters in one text (413 beyond).
         max_body_bytes: largest request body (413 beyond).
@@ -172,10 +174,14 @@ def create_app(
         texts = await accepted_texts(request)
         if not texts:
             return json_response({"results": []})
-        # On the model's thread, between batches: the session is never run by two threads at once.
-        cost = min(explain_cost(texts, predictor.max_length), settings.max_queue)  # within max_texts it can always run
-        explanations = await answered(batcher.run_alone(
-            predictor.explain, texts, cost=cost, timeout_s=settings.timeout_s))
+        # On the model's thread, between batches: the session is never run by two threads at once. One job per
+        # text, so classify batches run between them and a request past its deadline starts no more of them.
+        deadline = time.monotonic() + settings.timeout_s
+        explanations = []
+        for text in texts:
+            cost = min(explain_cost([text], predictor.max_length), settings.max_queue)  # so that it can always run
+            explanations += await answered(batcher.run_alone(
+                predictor.explain, [text], cost=cost, timeout_s=max(deadline - time.monotonic(), 0.0)))
         # Up to max_length words per text: serialized off the event loop, which keeps answering meanwhile.
         return await asyncio.to_thread(
             lambda: json_response({"results": [explanation.to_json() for explanation in explanations]}))

@@ -162,3 +162,32 @@ def test_an_explanation_lists_only_the_words_the_model_reads(short_bundle):
     assert response.status_code == 200 and len(response.content) < 2_000
     (result,) = json.loads(response.content)["results"]
     assert [w["word"] for w in result["explanation"]] == ["good", "movie", "good", "movie"]
+
+
+def test_classify_batches_run_between_the_texts_of_an_explain(bundle):
+    """An explain is one job per text on the model's thread: it holds the model one text at a time."""
+    predictor = Predictor(bundle, threads=1)
+    explain, predict, calls, first_held = predictor.explain, predictor.predict, [], threading.Event()
+    release = threading.Event()
+
+    def logged_explain(texts: list[str]):
+        calls.append("explain")
+        first_held.set()
+        release.wait(20)
+        return explain(texts)
+
+    def logged_predict(texts: list[str]):
+        calls.append("classify")
+        return predict(texts)
+
+    predictor.explain, predictor.predict = logged_explain, logged_predict
+    with serving(predictor, ServeSettings(max_wait_ms=1)) as client, ThreadPoolExecutor(2) as pool:
+        calls.clear()  # the warm-up batch
+        explained = pool.submit(client.post, "/v1/explain", json={"texts": ["good film", "bad film", "fine"]})
+        assert first_held.wait(20)
+        classified = pool.submit(client.post, "/v1/classify", json={"texts": ["a film"]})
+        time.sleep(1.0)  # its batch is handed to the model's thread within a millisecond, behind the first text
+        release.set()
+        assert classified.result().status_code == 200 and explained.result().status_code == 200
+    assert calls == ["explain", "classify", "explain", "explain"]
+    assert len(explained.result().json()["results"]) == 3
