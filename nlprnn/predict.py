@@ -16,9 +16,11 @@ parts, resumably and with --workers processes: see `nlprnn.deploy.stream`. Rows 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -119,9 +121,21 @@ def score_into_folder(options: argparse.Namespace) -> None:
     score_files(job, workers=options.workers, threads=options.threads, batch_size=options.batch_size)
 
 
+@contextlib.contextmanager
+def ctrl_c_is_one_line(resumable: bool) -> Iterator[None]:
+    """Ctrl-C anywhere (reading, printing, before or after scoring parts) stops with one line and exit status 130,
+    as it does while parts are scored. Writes are atomic, and a new output folder with no part is removed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from nlprnn.deploy.stream import Stopped
+
+        raise Stopped(signal.SIGINT, resumable) from None
+
+
 def main(args: list[str] | None = None) -> None:
     options = parse_args(args)
-    with exit_on_reported_error("nlprnn.predict"):
+    with exit_on_reported_error("nlprnn.predict"), ctrl_c_is_one_line(resumable=options.output is not None):
         if options.output is not None:
             return score_into_folder(options)
         if options.workers != 1:

@@ -142,3 +142,25 @@ def test_errors_in_a_fresh_process_carry_no_traceback(tmp_path):
     proc = run_python(str(tmp_path / "nope"), "text")
     assert proc.returncode == 2
     assert proc.stderr.decode().startswith("nlprnn.predict: error: no bundle at") and b"Traceback" not in proc.stderr
+
+
+def interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where, target", [
+    ("printing predictions", "nlprnn.deploy.predictor.Predictor.predict"),
+    ("reading JSON lines before scoring", "nlprnn.deploy.tables.jsonl_schema"),
+    ("counting rows in the new output folder", "nlprnn.deploy.tables.InputFiles.approximate_rows"),
+])
+def test_ctrl_c_anywhere_is_one_line_and_leaves_no_output_folder(bundle, tmp_path, capsys, monkeypatch, where,
+                                                                 target):
+    (tmp_path / "in.jsonl").write_text('{"text": "good movie"}\n')
+    monkeypatch.setattr(target, interrupt)
+    output = [] if where == "printing predictions" else ["--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(bundle), "--input", str(tmp_path / "in.jsonl"), *output, "--threads", "1"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("nlprnn.predict: error: stopped by SIGINT") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -49,11 +49,12 @@ ROWS_PER_PART = 50_000  # about 6 s of work on 2 cores with the default model: w
 
 
 class Stopped(ReportedError):
-    """Ctrl-C or SIGTERM (a scheduler's preemption): the finished parts stay, and the same command continues."""
+    """Ctrl-C or SIGTERM (a scheduler's preemption): the finished parts stay, and the same command continues
+    (unless not `resumable`: texts printed to standard output start again from the first)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}; run the same command again to continue "
-                         "from the last finished part")
+    def __init__(self, signum: int, resumable: bool = True) -> None:
+        hint = "; run the same command again to continue from the last finished part" if resumable else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name}{hint}")
         self.exit_status = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
