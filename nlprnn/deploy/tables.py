@@ -266,7 +266,13 @@ def score_table(
 
 
 def write_table(table: pa.Table, f: BinaryIO, fmt: str) -> None:
-    """Write `table` to the open binary file `f` as Parquet, CSV (with a header) or JSON Lines."""
+    """Write `table` to the open binary file `f` as Parquet, CSV (with a header) or JSON Lines.
+
+    CSV and JSON Lines hold text, not bytes: a column of bytes is written as text, each byte that is not UTF-8 a
+    U+FFFD, as the columns of a CSV input are read. Parquet keeps the bytes.
+    """
+    if fmt in ("csv", "jsonl"):
+        table = _bytes_as_text(table)
     if fmt == "parquet":
         pq.write_table(table, f, compression="zstd")
     elif fmt == "csv":
@@ -277,6 +283,21 @@ def write_table(table: pa.Table, f: BinaryIO, fmt: str) -> None:
             f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows).encode())
     else:
         raise UserError(f"cannot write {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def _bytes_as_text(table: pa.Table) -> pa.Table:
+    for i, field in enumerate(table.schema):
+        if _holds_bytes(field.type):
+            table = table.set_column(i, field.name, _lenient_strings(table.column(i).cast(pa.large_binary())))
+    return table
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    types = pa.types
+    if types.is_dictionary(kind):
+        return _holds_bytes(kind.value_type)
+    return any(is_(kind) for is_ in (types.is_binary, types.is_large_binary, types.is_binary_view,
+                                     types.is_fixed_size_binary))
 
 
 def _readable() -> str:
@@ -374,7 +395,7 @@ def _csv_batches(
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
 
 
-def _lenient_strings(column: pa.Array) -> pa.Array:
+def _lenient_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Bytes as strings, each byte that is not UTF-8 a U+FFFD, as in a text."""
     try:
         return column.cast(pa.string())

@@ -495,3 +495,11 @@ def test_parquet_parts_whose_column_types_differ_are_merged_or_refused_in_one_li
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"cannot read {parts / 'c.parquet'}: its column types do not join" in proc.stderr, proc.stderr
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_parquet_column_of_bytes_is_written_to_csv_or_json_lines_as_text(bundle, tmp_path, fmt):
+    blobs = pa.array([b"ok", b"caf\xe9", b"\xff\xfe"], pa.binary())
+    pq.write_table(pa.table({"blob": blobs, "text": ["good", "bad", "fine"]}), tmp_path / "in.parquet")
+    score(bundle, tmp_path / "in.parquet", tmp_path / "out", "--output_format", fmt)
+    assert read_output(tmp_path / "out").column("blob").to_pylist() == ["ok", "caf\ufffd", "\ufffd\ufffd"]
