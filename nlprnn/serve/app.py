@@ -4,7 +4,8 @@ document, over one dynamic batcher.
 Every error is answered with a status code and a one-line JSON body {"error": "..."}:
 400 malformed JSON, 405 a method the path does not take (with Allow), 413 a body, request or text over
 its limit, 422 a body of the wrong shape, 500 an unexpected error (logged as one line), 503 a full queue
-or a server not yet warm (with Retry-After) or whose warm-up failed, 504 a request past its deadline.
+or a server not yet warm (with Retry-After) or whose warm-up failed, 504 a request past its deadline,
+408 a body that has not all arrived by then.
 Starlette rather than FastAPI: its thinner stack served 12% more requests per second here, and the
 few models the API has give the OpenAPI document directly (`nlprnn.serve.schema`).
 """
@@ -70,7 +71,8 @@ class ServeSettings:
         max_texts: most texts in one request (413 beyond).
         max_chars: most characters in one text (413 beyond).
         max_body_bytes: largest request body (413 beyond).
-        timeout_s: a request not answered within this many seconds gets 504 and leaves the queue.
+        timeout_s: a request not answered within this many seconds gets 504 and leaves the queue; one whose
+            body has not all arrived within it, 408.
     """
 
     max_batch_size: int = 64
@@ -221,7 +223,7 @@ def create_app(
         middleware=[
             Middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS, timed=CLASSIFY),
             Middleware(InternalErrors, log=log),  # inside RequestMetrics, so that a 500 is counted
-            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.timeout_s),
         ],
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=lifespan,

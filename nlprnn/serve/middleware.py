@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,11 +16,14 @@ ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaita
 
 
 class BodyLimit:
-    """Answers 413 to a body over `max_bytes`, before the app reads any of it into a JSON parser."""
+    """Reads a POST body whole before the app sees it: 413 past `max_bytes`, before any of it reaches a JSON
+    parser; 408 when it has not all arrived within `timeout_s`, so that a client that stops half-way holds
+    neither a connection nor the server's shutdown."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -27,18 +31,16 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self.too_big(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await self.too_big(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        try:
+            whole = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except _TooBig:
+            return await self.too_big(scope, receive, send)
+        except asyncio.TimeoutError:
+            message = f"the body did not arrive within {self.timeout_s:g} s"
+            return await error_response(408, message)(scope, receive, send)
+        if whole is None:  # the client has gone
+            return
+        body = {"type": "http.request", "body": whole, "more_body": False}
         replayed = False
 
         async def replay() -> dict:
@@ -50,8 +52,27 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _read(self, receive: Callable) -> bytes | None:
+        """The whole body, or None if the client disconnects first; raises _TooBig past max_bytes."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _TooBig
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
     async def too_big(self, scope: dict, receive: Callable, send: Callable) -> None:
         await error_response(413, f"the body is over {self.max_bytes} bytes")(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
 
 
 class RequestMetrics:

@@ -102,6 +102,7 @@ def _not_texts(first: Mapping) -> ApiError:
 
 ERRORS = {
     400: "The body is not valid JSON.",
+    408: "The body did not all arrive within the server's timeout.",
     413: "The body, the number of texts or a text's length is over its limit.",
     422: 'The body is not {"texts": [string, ...]}.',
     503: "The queue is full, or the server is warming up or shutting down: retry after Retry-After seconds. "

@@ -56,7 +56,7 @@ def test_health_readiness_and_the_openapi_schema(server):
     status, _, body = server.request("GET", "/openapi.json")
     schema = json.loads(body)
     classify = schema["paths"]["/v1/classify"]["post"]
-    assert {"200", "400", "413", "422", "503", "504"} == set(classify["responses"])
+    assert {"200", "400", "408", "413", "422", "503", "504"} == set(classify["responses"])
     request_schema = classify["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert schema["components"]["schemas"][request_schema]["required"] == ["texts"]
     assert schema["components"]["schemas"]["ClassifyRequest"]["properties"]["texts"]["items"] == {"type": "string"}
@@ -262,6 +262,27 @@ def test_sigterm_answers_every_accepted_request_then_exits_0(bundle):
     assert "answered 6 classify requests (6 texts)" in "".join(server.stderr)
     with pytest.raises(ConnectionRefusedError):
         server.request("GET", "/healthz")
+
+
+def test_a_half_sent_body_gets_408_within_the_deadline_and_does_not_hold_up_shutdown(bundle):
+    server = Server(bundle, "--timeout_s", "1")
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    try:
+        client.putrequest("POST", "/v1/classify")
+        client.putheader("Content-Type", "application/json")
+        client.putheader("Content-Length", "100")
+        client.endheaders(message_body=b'{"texts"')  # and then nothing more
+        started = time.monotonic()
+        response = client.getresponse()
+        waited = time.monotonic() - started
+        assert response.status == 408
+        assert json.loads(response.read()) == {"error": "the body did not arrive within 1 s"}
+        assert 0.9 < waited < 10
+        server.process.send_signal(signal.SIGTERM)  # the client still holds its connection open
+        assert server.process.wait(timeout=10) == 0
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_the_server_imports_neither_torch_nor_lightning(bundle):
