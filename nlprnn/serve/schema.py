@@ -85,7 +85,7 @@ def parse_texts(body: bytes) -> list[str]:
             raise _not_texts(first) from None
         why = shorten(str(first.get("ctx", {}).get("error", first["msg"])))
     try:  # Python's parser also takes what JSON allows and pydantic's refuses: an escaped lone surrogate ("\ud800")
-        value = json.loads(body)
+        value = json.loads(body, parse_int=float)  # and integers of any length: int() refuses 4,300 digits and more
     except (ValueError, RecursionError):
         raise ApiError(400, f"the body is not valid JSON ({why})") from None
     try:

@@ -191,3 +191,10 @@ def test_classify_batches_run_between_the_texts_of_an_explain(bundle):
         assert classified.result().status_code == 200 and explained.result().status_code == 200
     assert calls == ["explain", "classify", "explain", "explain"]
     assert len(explained.result().json()["results"]) == 3
+
+
+def test_a_number_too_long_for_python_is_valid_json_of_the_wrong_shape(bundle):
+    """Python's parser refuses integers over 4,300 digits; JSON does not, so the answer is 422, not 400."""
+    with serving(Predictor(bundle, threads=1)) as client:
+        response = client.post("/v1/classify", content='{"texts": [' + "9" * 5000 + "]}")
+    assert response.status_code == 422 and response.json()["error"].startswith("texts.0: Input should be a valid string")
