@@ -99,7 +99,7 @@ def main(args: list[str] | None = None) -> None:
             signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
         quiet_garbage_collector()
         prompt_thread_switches()
-        server.run()  # a port that is taken ends it here: uvicorn logs why and exits 1
+        server.run()  # a port that is taken, or a host that does not resolve, ends it here: uvicorn logs why, exits 3
         if warm_up_failed:
             raise SystemExit(1)
         answered = app.state.metrics.registry.get_sample_value(
