@@ -49,19 +49,32 @@ def _is_utf8(path: Path) -> bool:
     return True
 
 
-def repair_utf8(path: Path) -> tuple[Path, int]:
-    """(`path`, 0) for a valid UTF-8 file; else (a repaired copy in the cache, how many byte sequences it replaced).
+def _encoding(path: Path) -> str:
+    """utf-16 for a file that starts with a UTF-16 byte order mark (Excel's "Unicode text"), else utf-8."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and head != codecs.BOM_UTF32_LE:
+        return "utf-16"
+    return "utf-8"
 
-    The copy is made once per file version and read in blocks, so memory stays flat for any file size.
+
+def repair_utf8(path: Path) -> tuple[Path, int]:
+    """(`path`, 0) for a valid UTF-8 file; else (a UTF-8 copy in the cache, how many byte sequences it replaced).
+
+    A file with a UTF-16 byte order mark is read as UTF-16, any other as UTF-8. The copy is made once per
+    file version and read in blocks, so memory stays flat for any file size.
     """
-    if _is_utf8(path):
+    encoding = _encoding(path)
+    if encoding == "utf-16":
+        log.info("%s is UTF-16 (it starts with a byte order mark): read as such", path)
+    elif _is_utf8(path):
         return path, 0
     copy = cache_dir() / "repaired" / f"{path.stem}-{digest(file_identity(path))}{path.suffix}"
     count_file = copy.with_name(copy.name + ".replaced")
     if copy.exists() and count_file.exists():
         return copy, int(count_file.read_text())
     counter = _ReplacementCounter()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
+    decoder = codecs.getincrementaldecoder(encoding)(errors=counter.name)  # utf-16 drops the byte order mark
     with path.open("rb") as src, replacing(copy) as dst:  # a scratch file of its own: two runs may repair at once
         for block in iter(lambda: src.read(READ_BLOCK), b""):
             dst.write(decoder.decode(block).encode("utf-8"))

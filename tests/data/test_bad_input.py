@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 
@@ -12,6 +13,11 @@ from nlprnn.data.cleaning import repair_utf8
 from nlprnn.data.datamodule import TextDataModule
 from nlprnn.data.sources import SourceSpec, load_splits
 from nlprnn.errors import UserError
+
+
+def labelled_rows(splits) -> list[tuple[str, str]]:
+    names = splits["train"].features["label"].names
+    return [(t, names[y]) for split in splits.values() for t, y in zip(split["text"], split["label"])]
 
 
 def warnings_of(caplog) -> str:
@@ -43,6 +49,20 @@ def test_repairs_are_made_once_per_file_version(tmp_path):
     first = repair_utf8(path)
     assert first[1] == 1 and first[0] != path and b"\xef\xbf\xbd" in first[0].read_bytes()
     assert repair_utf8(path) == first
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_utf16_file_with_its_byte_order_mark_is_read_as_utf16(tmp_path, caplog, encoding):
+    """As Excel saves "Unicode text": UTF-16 with a byte order mark, tab-separated."""
+    rows = [(f"café {i} ☕", "positive" if i % 2 else "negative") for i in range(40)]
+    text = "text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows)
+    path = tmp_path / "excel.tsv"
+    path.write_bytes((codecs.BOM_UTF16_BE if encoding.endswith("be") else b"") + text.encode(encoding))
+    with caplog.at_level(logging.INFO):
+        splits = load_splits(SourceSpec(train_file=str(path)))
+    assert sorted(labelled_rows(splits)) == sorted(rows)
+    assert f"{path} is UTF-16 (it starts with a byte order mark): read as such" in caplog.text
+    assert "replaced" not in warnings_of(caplog)
 
 
 def test_two_runs_repair_one_file_at_once(tmp_path):
