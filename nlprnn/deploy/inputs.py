@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,8 @@ def read_texts(path: str, text_column: str = "text") -> Iterator[str]:
 
     .txt (or no suffix, or `-` for standard input): one text per line; a blank line is an empty text.
     .csv / .tsv: a header row, then one text per row in `text_column`.
-    .jsonl / .ndjson: one JSON object per line with a string (or null: empty) under `text_column`;
-    blank lines are skipped.
+    .jsonl / .ndjson: one JSON object per line with a string (or null or nothing: empty) under `text_column`,
+    which at least one line must have; blank lines are skipped.
     """
     if path == STDIN:
         # -sig: a byte-order mark, as Windows tools write one, is not text
@@ -110,6 +111,11 @@ def _csv_texts(file: Path, delimiter: str, column: str) -> Iterator[str]:
 
 
 def _jsonl_texts(file: Path, column: str) -> Iterator[str]:
+    """The texts of JSON lines; a line without the text field is an empty text, as a null one is (and as --output
+    reads it), unless no line has the field: then the field is misnamed, which is one line."""
+    missing = 0  # lines without the field, not yet given: until a line has it, the field may be misnamed
+    fields: dict[str, None] = {}  # of those lines, for the message
+    found = False
     with _open(file) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -117,13 +123,28 @@ def _jsonl_texts(file: Path, column: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except ValueError:
-                raise UserError(f"line {number} of {file} is not a JSON object") from None
-            if not isinstance(record, dict) or column not in record:
-                raise UserError(
-                    f"line {number} of {file} has no {column!r} field; name the text field with --text_column"
-                )
+                record = None
+            if not isinstance(record, dict):
+                raise UserError(f"line {number} of {file} is not a JSON object")
+            if column not in record:
+                if found:
+                    yield ""
+                else:
+                    missing += 1
+                    fields.update(dict.fromkeys(record))
+                continue
+            if not found:
+                found = True
+                yield from itertools.repeat("", missing)
             text = record[column]
             if text is not None and not isinstance(text, str):
                 raise UserError(f"line {number} of {file}: {column!r} holds {type(text).__name__}, not text")
             yield clean_text(text or "")
+    if missing and not found:
+        raise no_text_field(file, column, list(fields))
 
+
+def no_text_field(file: str | Path, column: str, fields: list[str]) -> UserError:
+    """The error for JSON lines none of which has the text field."""
+    return UserError(f"no line of {file} has a field {column!r} (its lines have {', '.join(map(repr, fields))}); "
+                     "name the text field with --text_column")

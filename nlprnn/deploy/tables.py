@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from nlprnn.deploy.inputs import clean_text
+from nlprnn.deploy.inputs import clean_text, no_text_field
 from nlprnn.errors import UserError, first_line
 
 try:
@@ -173,9 +173,7 @@ def jsonl_schema(files: list[Path], text_column: str) -> pa.Schema:
         if own is None:  # blank, or only lines that are skipped as malformed
             continue
         if text_column not in own.names:
-            fields = ", ".join(repr(name) for name in own.names if name != UNDECODABLE)
-            raise UserError(f"no line of {file} has a field {text_column!r} (its lines have {fields}); name the "
-                            "text field with --text_column")
+            raise no_text_field(file, text_column, [name for name in own.names if name != UNDECODABLE])
         try:
             schema = own if schema is None else _unified(schema, own)
         except (pa.ArrowException, TypeError, ValueError) as err:

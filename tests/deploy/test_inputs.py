@@ -74,8 +74,7 @@ def test_jsonl(tmp_path):
     "line, message",
     [
         ("{oops", "line 2 of .* is not a JSON object"),
-        ('{"other": "x"}', "line 2 of .* has no 'text' field.*--text_column"),
-        ('["text"]', "line 2 of .* has no 'text' field"),
+        ('["text"]', "line 2 of .* is not a JSON object"),
         ('{"text": 3}', "line 2 of .*'text' holds int, not text"),
     ],
 )
@@ -83,6 +82,16 @@ def test_bad_jsonl_lines(tmp_path, line, message):
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(UserError, match=message):
+        list(read_texts(str(path)))
+
+
+def test_a_jsonl_line_without_the_text_field_is_an_empty_text_unless_no_line_has_it(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2, "text": "good"}\n{"id": 3}\n')
+    assert list(read_texts(str(path))) == ["", "good", ""]  # as --output reads them: null texts
+    path.write_text('{"id": 1, "body": "good"}\n\n{"id": 2}\n')
+    with pytest.raises(UserError, match=r"^no line of .*in\.jsonl has a field 'text' \(its lines have 'id', 'body'\); "
+                                        "name the text field with --text_column$"):
         list(read_texts(str(path)))
 
 
