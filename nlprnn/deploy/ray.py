@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -39,8 +40,8 @@ try:  # the extra: pip install "nlprnn[ray]" (ray[data] brings pyarrow)
     from ray.data.datasource import FileBasedDatasource
 
     from nlprnn.deploy.tables import (
-        FORMATS, columns_of, csv_parse_options, jsonl_batches, output_format_of, refuse_clashing_columns,
-        score_table, stream_lines,
+        FORMATS, columns_of, csv_parse_options, jsonl_batches, lenient_csv_columns, output_format_of,
+        refuse_clashing_columns, score_table, stream_lines,
     )
 except ImportError:  # pragma: no cover - the base install has neither; _require_ray says how to get them
     ray = None
@@ -196,7 +197,8 @@ def open_source(path: str, text_column: str) -> Source:
 
 
 def read_input(source: Source, text_column: str, skipped: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
-    """The rows of `source` as a Ray dataset, in file order; CSV columns as text, so ids keep their zeros.
+    """The rows of `source` as a Ray dataset, in file order; CSV columns as text, so ids keep their zeros, each byte
+    that is not UTF-8 a U+FFFD (the texts' are mended and counted by `score_table`), as `predict` reads them.
 
     A malformed row (a CSV row with the wrong number of fields, a JSON line that is not an object or whose text
     is not a string) is skipped and, given `skipped` (from `start_skipped_rows`), counted there. The read tasks
@@ -205,14 +207,17 @@ def read_input(source: Source, text_column: str, skipped: ray.actor.ActorHandle 
     """
     common = dict(filesystem=source.filesystem, num_cpus=0, file_extensions=None)
     if source.format in ("csv", "tsv"):
-        # As nlprnn.predict reads them: every column a string, texts as bytes decoded leniently by score_table.
-        types = {name: pa.string() for name in source.columns} | {text_column: pa.binary()}
+        # Bytes, not strings: Arrow's strings fail the whole read on one byte that is not UTF-8.
+        types = dict.fromkeys(source.columns, pa.binary())
         report = _reporter(skipped)
         on_malformed = None if report is None else (
             lambda row: report(f"a row of {row.actual_columns} fields, not {row.expected_columns}"))
-        return ray.data.read_csv(source.files, parse_options=csv_parse_options(source.format, on_malformed),
+        rows = ray.data.read_csv(source.files, parse_options=csv_parse_options(source.format, on_malformed),
                                  convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False),
                                  **common)
+        # No CPU, as for the read: the actors hold the CPUs. One call per block.
+        return rows.map_batches(partial(lenient_csv_columns, text_column=text_column), batch_format="pyarrow",
+                                batch_size=None, zero_copy_batch=True, num_cpus=0)
     if source.format == "jsonl":
         return ray.data.read_datasource(JsonLines(source.files, text_column, skipped, filesystem=source.filesystem,
                                                   file_extensions=None), num_cpus=0)

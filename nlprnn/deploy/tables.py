@@ -384,13 +384,19 @@ def _csv_batches(
     convert = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary()), strings_can_be_null=False)
     try:
         for batch in _csv_reader(file, fmt, convert, on_malformed):
-            batch = pa.RecordBatch.from_arrays(
-                [column if name == text_column else _lenient_strings(column)
-                 for name, column in zip(batch.schema.names, batch.columns)], names=batch.schema.names)
+            batch = lenient_csv_columns(batch, text_column)
             for start in range(0, batch.num_rows, BATCH_ROWS):
                 yield batch.slice(start, BATCH_ROWS)
     except pa.ArrowException as err:
         raise UserError(f"cannot read {file}: {first_line(err)}") from None
+
+
+def lenient_csv_columns(batch: pa.RecordBatch | pa.Table, text_column: str) -> pa.RecordBatch | pa.Table:
+    """A batch of CSV columns read as bytes, each but the text as strings (each byte that is not UTF-8 a U+FFFD);
+    the text stays bytes for `score_table`, which decodes it the same way and counts the texts it mended."""
+    columns = [column if name == text_column else _lenient_strings(column)
+               for name, column in zip(batch.schema.names, batch.columns)]
+    return type(batch).from_arrays(columns, names=batch.schema.names)
 
 
 def _lenient_strings(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:

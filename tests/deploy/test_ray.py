@@ -165,6 +165,18 @@ def test_csv_rows_with_the_wrong_number_of_fields_are_skipped_and_counted(cluste
     assert "\n2 malformed rows were skipped (for example: a row of " in capsys.readouterr().err
 
 
+def test_bytes_that_are_not_utf8_become_u_fffd_in_other_csv_columns_too(cluster, bundle, tmp_path):
+    rows = tmp_path / "in.csv"
+    rows.write_bytes(b"id,text\nab\xffc,good movie\n2,bad \xff bytes\n")
+    expected = tmp_path / "single"
+    predict.main([str(bundle), "--input", str(rows), "--output", str(expected), "--threads", "1"])
+    output = tmp_path / "scores"
+    ray_scoring.main([str(bundle), "--input", str(rows), "--output", str(output)])
+    got = read_folder(output)
+    assert got.column("id").to_pylist() == ["ab\ufffdc", "2"]
+    assert_same_rows(got, read_folder(expected))
+
+
 def test_a_missing_text_column_is_one_line_before_anything_is_written(bundle, csv_input, tmp_path, capsys):
     output = tmp_path / "scores"
     with pytest.raises(SystemExit) as exit:
