@@ -61,30 +61,46 @@ def test_too_little_agreement_is_refused_and_leaves_nothing(run_dir, tmp_path, c
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("nlprnn.export: error: the int8 model predicts the float model's label on only 100.00% of "
-                          "12 validation texts (100.00% with the embedding float) (at least 101% required); no "
-                          "bundle was written to")
+                          "12 validation texts (100.00% with the linear float, 100.00% with the linear and embedding "
+                          "float) (at least 101% required); no bundle was written to")
     assert "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_embedding_table_stays_float_when_int8_moves_too_many_labels(run_dir, tmp_path, monkeypatch, capsys):
+def labels_moved_by_int8(table: str):
+    """predicted_labels, with every label flipped (two classes) while the initializer `table` is int8."""
     real = quantize.predicted_labels
 
-    def labels_moved_by_an_int8_table(bundle: Path, texts):
-        """The bundle's labels, all flipped when its embedding table is int8 (two classes)."""
+    def moved(bundle: Path, texts):
         initializers = {i.name for i in onnx.load(str(bundle / "model.onnx")).graph.initializer}
-        return real(bundle, texts) ^ ("model.embedding.weight" not in initializers)
+        return real(bundle, texts) ^ (table not in initializers)
 
-    monkeypatch.setattr(quantize, "predicted_labels", labels_moved_by_an_int8_table)
+    return moved
+
+
+def initializer_type(bundle: Path, name: str) -> int:
+    return next(i for i in onnx.load(str(bundle / "model.onnx")).graph.initializer if i.name == name).data_type
+
+
+def test_the_linear_model_stays_float_when_its_int8_weights_move_too_many_labels(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantize, "predicted_labels", labels_moved_by_int8("model.linear.weight"))
+    bundle = export.main([str(run_dir), "--out", str(tmp_path / "int8"), "--quantize", "int8"])
+    assert read_bundle(bundle).manifest.quantization["float_parts"] == ["linear"]
+    assert initializer_type(bundle, "model.linear.weight") == onnx.TensorProto.FLOAT
+    assert "model.embedding.weight" not in {i.name for i in onnx.load(str(bundle / "model.onnx")).graph.initializer}
+    assert op_counts(bundle)["DynamicQuantizeLSTM"] == 4  # the rest is int8 still
+    assert capsys.readouterr().out.splitlines()[-2].endswith("; the linear kept float")
+
+
+def test_the_embedding_table_stays_float_too_when_int8_moves_too_many_labels(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantize, "predicted_labels", labels_moved_by_int8("model.embedding.weight"))
     bundle = export.main([str(run_dir), "--out", str(tmp_path / "int8"), "--quantize", "int8"])
     record = read_bundle(bundle).manifest.quantization
-    assert record["float_parts"] == ["embedding"] and record["label_agreement"] >= quantize.MIN_LABEL_AGREEMENT
-    graph = onnx.load(str(bundle / "model.onnx")).graph
-    table = next(i for i in graph.initializer if i.name == "model.embedding.weight")
-    assert table.data_type == onnx.TensorProto.FLOAT
+    assert record["float_parts"] == ["linear", "embedding"] and record["label_agreement"] >= quantize.MIN_LABEL_AGREEMENT
+    assert initializer_type(bundle, "model.embedding.weight") == onnx.TensorProto.FLOAT
     assert op_counts(bundle)["DynamicQuantizeLSTM"] == 4  # the rest is int8 still
     assert sorted(p.name for p in bundle.iterdir()) == ["labels.json", "model.onnx", "nlprnn.json", "tokenizer.json"]
-    assert capsys.readouterr().out.splitlines()[-2].endswith("; the embedding kept float")
+    assert capsys.readouterr().out.splitlines()[-2].endswith("; the linear and embedding kept float")
 
 
 def test_int8_without_its_validation_data_is_refused(run_dir, tmp_path, capsys):
