@@ -41,7 +41,7 @@ try:  # the extra: pip install "nlprnn[ray]" (ray[data] brings pyarrow)
 
     from nlprnn.deploy.tables import (
         FORMATS, columns_of, csv_parse_options, jsonl_batches, lenient_csv_columns, output_format_of,
-        refuse_clashing_columns, score_table, stream_lines,
+        parquet_schema, refuse_clashing_columns, score_table, stream_lines,
     )
 except ImportError:  # pragma: no cover - the base install has neither; _require_ray says how to get them
     ray = None
@@ -169,10 +169,12 @@ class Source:
     files: list[str]
     format: str
     columns: list[str]
+    schema: pa.Schema | None = None  # Parquet: every file's columns, their types joined
 
 
 def open_source(path: str, text_column: str) -> Source:
-    """The input at `path` (a file or a folder of parts; local, or a URI such as s3://bucket/in/), checked."""
+    """The input at `path` (a file or a folder of parts; local, or a URI such as s3://bucket/in/), checked as
+    `predict` checks it; for Parquet, every file's schema (its footer, not its rows)."""
     _require_ray()
     filesystem, root = _filesystem(path)
     info = _file_info(filesystem, root, path)
@@ -193,7 +195,9 @@ def open_source(path: str, text_column: str) -> Source:
     if text_column not in columns:
         raise UserError(f"{files[0]} has no column {text_column!r} (it has {', '.join(map(repr, columns))}); "
                         "name the text column with --text_column")
-    return Source(filesystem, files, fmt, columns)
+    # A task would fail on a text column of numbers, say, after other tasks had written their files.
+    schema = parquet_schema(files, text_column, filesystem) if fmt == "parquet" else None
+    return Source(filesystem, files, fmt, columns, schema)
 
 
 def read_input(source: Source, text_column: str, skipped: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:

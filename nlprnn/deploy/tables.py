@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
@@ -138,14 +138,21 @@ def open_input(path: str | Path, text_column: str) -> InputFiles:
     return InputFiles(tuple(files), fmt, text_column, tuple(first_columns), schema)
 
 
-def parquet_schema(files: list[Path], text_column: str) -> pa.Schema:
-    """The columns of Parquet `files` (which name the same columns) with one type each, joined over every file
-    (null joins any type, an int a float), so that every part gets the same types; a column whose types cannot
-    be joined is one line before anything is written. A text column whose type differs between files is bytes,
-    decoded by `decode_texts` as any text is."""
+def parquet_schema(
+    files: Sequence[str | Path], text_column: str, filesystem: pa_fs.FileSystem | None = None
+) -> pa.Schema:
+    """The columns of Parquet `files` with one type each, joined over every file (null joins any type, an int a
+    float), so that every part gets the same types; a column whose types cannot be joined, or a text column that
+    is missing or holds no text, is one line before anything is written. A text column whose type differs
+    between files is bytes, decoded by `decode_texts` as any text is. `filesystem` reads remote files."""
     merged, text_types = None, set()
     for file in files:
-        schema = pq.read_schema(file)
+        try:
+            schema = pq.read_schema(str(file), filesystem=filesystem)
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"cannot read {file}: {first_line(err)}") from None
+        if text_column not in schema.names:  # the first file's columns were checked; a folder's others may differ
+            raise UserError(f"{file} has no column {text_column!r}; every file needs it")
         if not _holds_text(kind := schema.field(text_column).type):
             raise UserError(f"column {text_column!r} of {file} holds {kind}, not text; name the text column "
                             "with --text_column")

@@ -187,6 +187,31 @@ def test_a_missing_text_column_is_one_line_before_anything_is_written(bundle, cs
     assert not output.exists()
 
 
+def refused(bundle: Path, source: Path, output: Path, capsys, monkeypatch, *more: str) -> str:
+    """The one line `main` ends with, having joined no cluster and written nothing."""
+
+    def joins(address):
+        raise AssertionError("joined a cluster")
+
+    monkeypatch.setattr(ray_scoring, "_connect", joins)
+    with pytest.raises(SystemExit) as exit:
+        ray_scoring.main([str(bundle), "--input", str(source), "--output", str(output), *more])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nlprnn.deploy.ray: error: ")
+    assert not output.exists()
+    return err
+
+
+def test_a_parquet_text_column_that_is_not_text_is_one_line(bundle, tmp_path, capsys, monkeypatch):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["good movie"]}), parts / "part-0.parquet")
+    pq.write_table(pa.table({"id": [2], "text": [5]}), parts / "part-1.parquet")  # every file is checked
+    err = refused(bundle, parts, tmp_path / "scores", capsys, monkeypatch)
+    assert "column 'text' of " in err and "part-1.parquet holds int64, not text" in err and "--text_column" in err
+
+
 @pytest.mark.parametrize("case", ["missing input", "output holds files", "no workers", "no ray"])
 def test_user_mistakes_are_one_line(case, bundle, csv_input, tmp_path, capsys, monkeypatch):
     output = tmp_path / "scores"
