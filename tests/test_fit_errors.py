@@ -26,6 +26,7 @@ OPTIONS = [
     (["--data.max_length", "0"], "data.max_length is a number of tokens, at least 1 (or null to derive it): got 0"),
     (["--data.max_length", "-3"], "data.max_length is a number of tokens, at least 1 (or null to derive it): got -3"),
     (["--model.dropout", "1.5"], "model.dropout is a probability in [0, 1): got 1.5"),
+    (["--model.weight_decay", "-1"], "model.weight_decay must be a finite number, 0 or more: got -1.0"),
     (["--model.encoder.num_layers", "0"], "model.encoder.num_layers is a number of stacked layers, at least 1: got 0"),
     (["--model.encoder.hidden_size", "0"], "model.encoder.hidden_size is a state width, at least 1: got 0"),
     pytest.param(["--trainer.accelerator", "gpu"], "the trainer settings cannot be used: No supported gpu backend found",

@@ -159,6 +159,15 @@ class TextClassifier(L.LightningModule):
             raise UserError(f"model.ngram_dim is a width, 0 (no n-gram bag) or more: got {ngram_dim}")
         if not lr >= 0:  # 0 is allowed: a model that never changes
             raise UserError(f"model.lr is a learning rate, 0 or more: got {lr}")
+        # `not x >= 0` also refuses NaN; a negative value would climb the loss rather than descend it
+        for name, value in (("weight_decay", weight_decay), ("ngram_lr_scale", ngram_lr_scale),
+                            ("branch_loss", branch_loss)):
+            if not 0 <= value < math.inf:
+                raise UserError(f"model.{name} must be a finite number, 0 or more: got {value}")
+        if warmup_steps < 0:
+            raise UserError(f"model.warmup_steps is a number of optimizer steps, 0 or more: got {warmup_steps}")
+        if class_weights not in (None, "balanced"):
+            raise UserError(f"model.class_weights is balanced or null: got {class_weights!r}")
         if not 0.0 <= linear_blend < 1.0:
             raise UserError(f"model.linear_blend is the linear model's share of each prediction, in [0, 1): got {linear_blend}")
         if not linear_c > 0:

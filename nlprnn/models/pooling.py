@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from nlprnn.errors import UserError
 from nlprnn.models.encoder import EncoderOutput
 
 PoolingKind = Literal["last", "mean", "max", "attention"]
@@ -16,8 +17,8 @@ class Pooling(nn.Module):
     def __init__(self, kind: PoolingKind, dim: int) -> None:
         """last: each direction's final state; mean / max: over real tokens; attention: a learned weighted sum."""
         super().__init__()
-        if kind not in ("last", "mean", "max", "attention"):
-            raise ValueError(f"unknown pooling {kind!r}; use last, mean, max or attention")
+        if kind not in get_args(PoolingKind):  # model.pooling, an option of nlprnn.fit: one line there
+            raise UserError(f"model.pooling {kind!r} is unknown; use last, mean, max or attention")
         self.kind = kind
         # no bias: softmax ignores a score shift shared by all tokens, so a bias would never learn
         self.score = nn.Linear(dim, 1, bias=False) if kind == "attention" else None

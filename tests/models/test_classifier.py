@@ -158,6 +158,12 @@ def test_gradient_clipping_matches_clip_grad_norm_to_the_bit(scale):
         (dict(recurrent_length=-5), "model.recurrent_length must be at least 1: got -5"),
         (dict(ngram_dim=-1), r"model.ngram_dim is a width, 0 \(no n-gram bag\) or more: got -1"),
         (dict(lr=-0.001), "model.lr is a learning rate, 0 or more: got -0.001"),
+        (dict(weight_decay=-1.0), "model.weight_decay must be a finite number, 0 or more: got -1.0"),
+        (dict(ngram_lr_scale=-1.0), "model.ngram_lr_scale must be a finite number, 0 or more: got -1.0"),
+        (dict(branch_loss=math.nan), "model.branch_loss must be a finite number, 0 or more: got nan"),
+        (dict(warmup_steps=-1), "model.warmup_steps is a number of optimizer steps, 0 or more: got -1"),
+        (dict(class_weights="weird"), "model.class_weights is balanced or null: got 'weird'"),
+        (dict(pooling="sum"), "model.pooling 'sum' is unknown; use last, mean, max or attention"),
     ],
 )
 def test_an_impossible_setting_is_one_line_naming_its_option(setting, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nlprnn.errors import UserError
 from nlprnn.models.encoder import EncoderOutput
 from nlprnn.models.pooling import Pooling
 
@@ -90,5 +91,5 @@ def test_parameter_free_poolings_have_no_parameters(kind):
 
 
 def test_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match="pooling"):
+    with pytest.raises(UserError, match="^model.pooling 'median' is unknown; use last, mean, max or attention$"):
         Pooling("median", DIM)
