@@ -19,6 +19,7 @@ Imports neither torch nor Lightning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -41,7 +42,7 @@ try:  # the extra: pip install "nlprnn[ray]" (ray[data] brings pyarrow)
 
     from nlprnn.deploy.tables import (
         FORMATS, columns_of, csv_parse_options, jsonl_batches, lenient_csv_columns, output_format_of,
-        parquet_schema, refuse_clashing_columns, score_table, stream_lines,
+        parquet_schema, refuse_clashing_columns, refuse_unwritable, score_table, stream_lines,
     )
 except ImportError:  # pragma: no cover - the base install has neither; _require_ray says how to get them
     ray = None
@@ -239,15 +240,32 @@ def read_input(source: Source, text_column: str, skipped: ray.actor.ActorHandle 
 
 
 def write_output(dataset: ray.data.Dataset, output: str, output_format: str) -> None:
-    """Run the job: write `dataset` into the folder `output`, one file per block; names sort in row order."""
+    """Run the job: write `dataset` into the new or empty folder `output`, one file per block; names sort in row
+    order. A job that fails, or is interrupted, removes what it wrote: files of some of the rows must not pass
+    for the output."""
+    _check_output(output)
     filesystem, root = _filesystem(output)
+    existed = _file_info(filesystem, root, output).type == pa_fs.FileType.Directory
     common = dict(filesystem=filesystem, ray_remote_args={"num_cpus": 0})  # as for reading: the actors hold the CPUs
-    if output_format == "parquet":
-        dataset.write_parquet(root, **common)
-    elif output_format == "csv":
-        dataset.write_csv(root, **common)
-    else:
-        dataset.write_json(root, force_ascii=False, **common)  # JSON lines, UTF-8
+    try:
+        if output_format == "parquet":
+            dataset.write_parquet(root, **common)
+        elif output_format == "csv":
+            dataset.write_csv(root, **common)
+        else:
+            dataset.write_json(root, force_ascii=False, **common)  # JSON lines, UTF-8
+    except BaseException:
+        _remove_written(filesystem, root, existed)
+        raise
+
+
+def _remove_written(filesystem: pa_fs.FileSystem, root: str, existed: bool) -> None:
+    """Empty the output folder (`_check_output` found it empty), or remove it if the job made it."""
+    with contextlib.suppress(OSError, pa.ArrowException):  # the job's own error is the one to report
+        if existed:
+            filesystem.delete_dir_contents(root, missing_dir_ok=True)
+        else:
+            filesystem.delete_dir(root)
 
 
 def parse_args(args: list[str] | None) -> argparse.Namespace:
@@ -282,6 +300,7 @@ def main(args: list[str] | None = None) -> None:
         source = open_source(options.input, options.text_column)
         refuse_clashing_columns(labels, source.columns)
         output_format = output_format_of(options.output, options.output_format)
+        refuse_unwritable(source.schema, source.files[0], output_format)
         _check_counts(options.workers, options.threads_per_worker)
         _check_output(options.output)
         started = _connect(options.address)

@@ -103,7 +103,7 @@ def score_files(
     bundle = read_bundle(job.bundle)
     source = open_input(job.input, job.text_column)
     refuse_clashing_columns(bundle.labels, source.columns)
-    refuse_unwritable(source, job.output_format)
+    refuse_unwritable(source.schema, source.files[0], job.output_format)
     with _locked_output(job.output):
         record = job_record(job, source, bundle.root)
         _start_or_resume(job, record)

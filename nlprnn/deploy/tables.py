@@ -190,14 +190,15 @@ def jsonl_schema(files: list[Path], text_column: str) -> pa.Schema:
     return schema.remove(schema.get_field_index(UNDECODABLE)).append(schema.field(UNDECODABLE))
 
 
-def refuse_unwritable(source: InputFiles, output_format: str) -> None:
-    """One line, before anything is written, when an input column is nested (a JSON object or list, a Parquet
-    struct or list) and the output is CSV, which holds flat values only."""
-    if output_format != "csv" or source.schema is None:
+def refuse_unwritable(schema: pa.Schema | None, file: str | Path, output_format: str) -> None:
+    """One line, before anything is written, when a column of the input's `schema` (that of `file` and the files
+    after it) is nested (a JSON object or list, a Parquet struct or list) and the output is CSV, which holds flat
+    values only."""
+    if output_format != "csv" or schema is None:
         return
-    for field in source.schema:
+    for field in schema:
         if pa.types.is_nested(field.type):
-            raise UserError(f"column {field.name!r} of {source.files[0]} holds {field.type}, which CSV cannot hold; "
+            raise UserError(f"column {field.name!r} of {file} holds {field.type}, which CSV cannot hold; "
                             "write Parquet or JSON lines (--output_format)")
 
 

@@ -212,6 +212,24 @@ def test_a_parquet_text_column_that_is_not_text_is_one_line(bundle, tmp_path, ca
     assert "column 'text' of " in err and "part-1.parquet holds int64, not text" in err and "--text_column" in err
 
 
+def test_a_struct_column_with_csv_output_is_one_line(bundle, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1], "meta": [{"stars": 4}], "text": ["good movie"]}), source)
+    err = refused(bundle, source, tmp_path / "scores.csv", capsys, monkeypatch)
+    assert "column 'meta' of " in err and "which CSV cannot hold" in err and "--output_format" in err
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_write_that_fails_leaves_no_files(existed, cluster, tmp_path):
+    output = tmp_path / "scores"
+    if existed:
+        output.mkdir()
+    rows = ray.data.from_arrow(pa.table({"id": [1, 2], "meta": [{"stars": 4}, None]}))  # CSV holds no struct
+    with pytest.raises(Exception, match="struct"):
+        ray_scoring.write_output(rows, str(output), "csv")
+    assert (list(output.iterdir()) == []) if existed else not output.exists()
+
+
 @pytest.mark.parametrize("case", ["missing input", "output holds files", "no workers", "no ray"])
 def test_user_mistakes_are_one_line(case, bundle, csv_input, tmp_path, capsys, monkeypatch):
     output = tmp_path / "scores"
