@@ -161,7 +161,7 @@ class FitConfigs:
                     leaf = dim.path.rsplit(".", 1)[-1]
                     if "unrecognized arguments" in str(err) or f"Option '{leaf}' is not accepted" in str(err):
                         raise UserError(f"search space {source}: {dim.path} is not a parameter of nlprnn.fit "
-                                        "(`python -m nlprnn.fit --help` lists them)") from None
+                                        "(`python -m nlprnn.fit --help` lists them; `--model.encoder.help RNNEncoder` the encoder's)") from None
                     raise UserError(f"search space {source}: {dim.path} cannot be {value!r}: {one_line(err)}") from None
 
     def check_data(self) -> None:

@@ -175,7 +175,7 @@ def test_an_error_in_the_space_ends_the_command_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "nlprnn.tune: error: search space space.yaml: model.no_such_thing is not a parameter of nlprnn.fit "
-        "(`python -m nlprnn.fit --help` lists them)"
+        "(`python -m nlprnn.fit --help` lists them; `--model.encoder.help RNNEncoder` the encoder's)"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
 
